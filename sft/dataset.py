@@ -1,0 +1,161 @@
+"""Building the encoded dataset on disk, with a content-keyed cache. Used by scripts/encode.py and train.py.
+
+Layout of an encoded folder (``datasets.save_to_disk`` per split)::
+
+    DIR/train/            input_ids, labels, length, source
+    DIR/validation/       (when validation.data_args.file_name is set)
+    DIR/encode_meta.json  cache key, what went into it, and the report of each split
+    DIR/rejects-train.jsonl, DIR/rejects-validation.jsonl   (rows skipped with on_bad_sample: skip)
+
+The folder is written under a temporary name and renamed when complete, so a folder with
+``encode_meta.json`` is always whole. A run whose cache key matches reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from typing import Optional
+
+from sft.config import SFTConfig
+from sft.data import DataError, FieldMapping, file_fingerprint
+from sft.encoding import EncodeSettings, encode_split
+from sft.templates import get_template
+
+# Bump when the encoder's output for the same inputs changes, so old caches are not reused.
+ENCODER_VERSION = 1
+META_FILE = "encode_meta.json"
+
+
+def load_tokenizer(pretrain: str):
+    """The fast tokenizer of ``pretrain`` (a folder that may hold only tokenizer files, or a hub id)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(pretrain)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"pretrain: {pretrain} has no fast (Rust) tokenizer; encoding needs tokenizer.json")
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what decides tokenization and templates: vocabulary, merges, special tokens, chat template."""
+    digest = hashlib.sha256()
+    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(tokenizer.chat_template, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def encode_settings(config: SFTConfig) -> EncodeSettings:
+    data = config.sft_train.data_args
+    return EncodeSettings(mapping=FieldMapping.from_config(config), sequence_length=config.sequence_length,
+                          overlong=data.overlong, on_bad_sample=data.on_bad_sample, loss_on_turns=data.loss_on_turns)
+
+
+def splits(config: SFTConfig) -> dict[str, list[str]]:
+    result = {"train": list(config.sft_train.data_args.file_name)}
+    if config.validation.data_args.file_name:
+        result["validation"] = list(config.validation.data_args.file_name)
+    return result
+
+
+def cache_key(config: SFTConfig, tokenizer) -> tuple[str, dict]:
+    """The key of an encoded dataset: the content of every input, never paths or timestamps alone."""
+    settings = encode_settings(config)
+    inputs = {
+        "encoder_version": ENCODER_VERSION,
+        "files": {split: [file_fingerprint(path) for path in paths] for split, paths in splits(config).items()},
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "template": config.template_name(),
+        "mapping": dataclasses.asdict(settings.mapping),
+        "sequence_length": settings.sequence_length,
+        "overlong": settings.overlong,
+        "on_bad_sample": settings.on_bad_sample,
+        "loss_on_turns": settings.loss_on_turns,
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest(), inputs
+
+
+def default_encoded_dir(config: SFTConfig, key: str) -> str:
+    return os.path.join(config.output_dir, "encoded", key[:16])
+
+
+def read_meta(directory: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(directory, META_FILE), encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def build_encoded(config: SFTConfig, out_dir: Optional[str] = None, tokenizer=None, log=print) -> tuple[str, dict, bool]:
+    """Encode every split of ``config`` into ``out_dir`` (default under output_dir), or reuse a matching cache.
+
+    Returns (folder, meta, reused). Raises EncodeError/DataError naming file and row on bad input.
+    """
+    tokenizer = tokenizer or load_tokenizer(config.pretrain)
+    key, inputs = cache_key(config, tokenizer)
+    out_dir = out_dir or default_encoded_dir(config, key)
+    meta = read_meta(out_dir)
+    if meta is not None and meta.get("cache_key") == key:
+        log(f"Reusing encoded data in {out_dir} (inputs unchanged, cache key {key[:16]})")
+        return out_dir, meta, True
+    if os.path.exists(out_dir) and os.listdir(out_dir) and meta is None:
+        raise FileExistsError(f"{out_dir} exists and is not an encoded dataset; choose another --out")
+
+    template = get_template(config.template_name(), tokenizer)
+    settings = encode_settings(config)
+    data = config.sft_train.data_args
+    staging = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    reports = {}
+    try:
+        for split, files in splits(config).items():
+            result = encode_split(files, template, tokenizer, settings, data.preprocessing_num_workers,
+                                  desc=f"Encoding {split}")
+            if len(result.dataset) == 0:
+                raise DataError(f"{split}: no row of {', '.join(files)} was kept\n{format_report(split, result.report)}")
+            result.dataset.save_to_disk(os.path.join(staging, split))
+            rejects_path = os.path.join(staging, f"rejects-{split}.jsonl")
+            final_rejects = os.path.join(out_dir, f"rejects-{split}.jsonl")
+            if data.rejects_file:
+                stem, ext = os.path.splitext(data.rejects_file)
+                final_rejects = rejects_path = data.rejects_file if split == "train" else f"{stem}-{split}{ext or '.jsonl'}"
+            if result.rejects:
+                os.makedirs(os.path.dirname(os.path.abspath(rejects_path)), exist_ok=True)
+                with open(rejects_path, "w", encoding="utf-8") as handle:
+                    for reject in result.rejects:
+                        handle.write(json.dumps(reject, ensure_ascii=False) + "\n")
+                result.report["rejects_file"] = final_rejects
+            reports[split] = result.report
+        meta = {"cache_key": key, "inputs": inputs, "template": config.template_name(),
+                "pretrain": config.pretrain, "reports": reports}
+        with open(os.path.join(staging, META_FILE), "w", encoding="utf-8") as handle:
+            json.dump(meta, handle, indent=2)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+        os.rename(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir, meta, False
+
+
+def format_report(split: str, report: dict) -> str:
+    """The end-of-encoding report as aligned lines."""
+    lines = [f"[{split}] rows read {report['rows_read']:,} | kept {report['kept']:,} | truncated {report['truncated']:,}"
+             f" | re-tokenized at a turn edge {report['retokenized_at_boundary']:,}"]
+    for title in ("dropped", "rejected"):
+        for reason, count in report[title].items():
+            lines.append(f"  {title:<8} {count:>7,}  {reason}")
+    lines.append(f"  tokens {report['total_tokens']:,} | supervised {report['supervised_tokens']:,}"
+                 f" ({report['supervised_fraction']:.1%})")
+    if report["length_percentiles"]:
+        lines.append("  length " + " | ".join(f"{name} {value:,}" for name, value in report["length_percentiles"].items()))
+    if report.get("rejects_file"):
+        lines.append(f"  rejected rows written to {report['rejects_file']}")
+    return "\n".join(lines)

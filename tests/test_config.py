@@ -1,0 +1,103 @@
+import glob
+import os
+
+import pytest
+
+from sft.config import ConfigError, SFTConfig, load_config, parse_device_mapping
+from tests.conftest import ROOT
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_shipped_config_loads(path):
+    config = load_config(path, [], check_paths=False)
+    assert isinstance(config, SFTConfig)
+    assert config.template_name() in ("native", "qwen2_5", "qwen3", "chatml", "llama3", "base", "empty", "alpaca")
+
+
+def test_configs_exist():
+    names = {os.path.basename(path) for path in CONFIGS}
+    assert "qwen2.5-7B-sft_zero3.yaml" in names
+
+
+def test_seed_port_keeps_seed_values():
+    config = load_config(os.path.join(ROOT, "configs", "qwen2.5-7B-sft_zero3.yaml"), [], check_paths=False)
+    assert config.sft_train.strategy_args.strategy_name == "deepspeed_train"
+    assert config.sft_train.strategy_args.strategy_config["zero_stage"] == 3
+    assert config.sft_train.device_ids() == list(range(8))
+    assert (config.prompt_key, config.query_key, config.response_key) == ("instruction", "input", "output")
+    assert config.sft_train.training_args.learning_rate == pytest.approx(1e-5)
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_cli_overrides_yaml_and_types_are_coerced(tmp_path):
+    path = write(tmp_path, "sequence_length: 512\nsft_train:\n  training_args:\n    learning_rate: 1e-5\n"
+                           "  data_args:\n    file_name: a.json\n")
+    config = load_config(path, ["--sft_train.training_args.learning_rate", "2e-5", "--sequence_length", "256",
+                                "--global_template", "chatml"], check_paths=False)
+    assert config.sft_train.training_args.learning_rate == pytest.approx(2e-5)
+    assert isinstance(load_config(path, [], check_paths=False).sft_train.training_args.learning_rate, float)
+    assert config.sequence_length == 256
+    assert config.sft_train.data_args.file_name == ["a.json"]  # a single path becomes a list
+    assert config.template_name() == "chatml"  # global_template wins over data_args.template
+
+
+def test_resume_values_normalise(tmp_path):
+    assert load_config(write(tmp_path, "resume_from_checkpoint: false\n"), [], check_paths=False).resume_from_checkpoint == "false"
+    assert load_config(write(tmp_path, "resume_from_checkpoint: true\n"), [], check_paths=False).resume_from_checkpoint == "true"
+    config = load_config(write(tmp_path, "seed: 1\n"), ["--resume_from_checkpoint", "out/ckpt"], check_paths=False)
+    assert config.resume_from_checkpoint == "out/ckpt"
+
+
+def test_optional_key_can_be_unset_from_cli(tmp_path):
+    config = load_config(write(tmp_path, "seed: 1\n"), ["--query_key", "none"], check_paths=False)
+    assert config.query_key is None
+
+
+@pytest.mark.parametrize("yaml_text, args, field", [
+    ("bogus_key: 1\n", [], "bogus_key"),
+    ("sft_train:\n  data_args:\n    nope: 1\n", [], "sft_train.data_args"),
+    ("sft_train:\n  strategy_args:\n    strategy_name: megatron_train\n", [], "sft_train.strategy_args.strategy_name"),
+    ("seed: 1\n", ["--sft_train.training_args.max_steps", "-3"], "sft_train.training_args.max_steps"),
+    ("seed: 1\n", ["--sft_train.training_args.max_steps", "0"], "sft_train.training_args.max_steps"),
+    ("sequence_length: 0\n", [], "sequence_length"),
+    ("sft_train:\n  training_args:\n    learning_rate: fast\n", [], "sft_train.training_args.learning_rate"),
+    ("sft_train:\n  data_args:\n    template: vicuna\n", [], "sft_train.data_args.template"),
+    ("sft_train:\n  data_args:\n    overlong: chop\n", [], "sft_train.data_args.overlong"),
+    ("sft_train:\n  data_args:\n    on_bad_sample: ignore\n", [], "sft_train.data_args.on_bad_sample"),
+    ("sft_train:\n  device_mapping: 'gpu0,gpu1'\n", [], "sft_train.device_mapping"),
+    ("sft_train:\n  use_sequence_packing: maybe\n", [], "sft_train.use_sequence_packing"),
+])
+def test_bad_values_fail_naming_the_field(tmp_path, yaml_text, args, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(write(tmp_path, yaml_text), args, check_paths=False)
+
+
+def test_missing_files_fail_naming_the_field(tmp_path):
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer_dir.mkdir()
+    data = tmp_path / "train.json"
+    data.write_text("[]")
+    path = write(tmp_path, f"pretrain: {tokenizer_dir}\nsft_train:\n  data_args:\n    file_name: {data}\n")
+    load_config(path, [])  # all present
+    with pytest.raises(ConfigError, match=r"sft_train\.data_args\.file_name: file not found: .*missing\.json"):
+        load_config(path, ["--sft_train.data_args.file_name", str(tmp_path / "missing.json")])
+    with pytest.raises(ConfigError, match=r"validation\.data_args\.file_name: file not found"):
+        load_config(path, ["--validation.data_args.file_name", str(tmp_path / "val.jsonl")])
+    with pytest.raises(ConfigError, match=r"pretrain: folder not found"):
+        load_config(path, ["--pretrain", str(tmp_path / "no_model")])
+    with pytest.raises(ConfigError, match=r"pretrain: not set"):
+        load_config(write(tmp_path, f"sft_train:\n  data_args:\n    file_name: {data}\n"), [])
+
+
+def test_device_mapping_forms():
+    assert parse_device_mapping("list(range(0,8))") == list(range(8))
+    assert parse_device_mapping("list(range(0, 8, 2))") == [0, 2, 4, 6]
+    assert parse_device_mapping("[0, 1]") == [0, 1]
+    assert parse_device_mapping(None) is None
