@@ -67,3 +67,17 @@ def test_last_turn_only(tokenizer_name, template):
     all_turns = encode_split([path], get_template(template, tokenizer), tokenizer,
                              EncodeSettings(mapping, sequence_length=10**7, on_bad_sample="skip"))
     assert result.report["supervised_tokens"] < all_turns.report["supervised_tokens"]
+
+
+@pytest.mark.parametrize("tokenizer_name, template", [("qwen2.5-instruct", "native"), ("qwen3", "native"),
+                                                      ("qwen3", "qwen3"), ("qwen2.5-instruct", "qwen2_5")])
+def test_tool_call_conversations(tokenizer_name, template):
+    """Glaive rows: function_call turns are assistant targets, observation turns are tool results (context)."""
+    tokenizer = real_tokenizer(tokenizer_name)
+    path = shared_path("datasets", "glaive_toolcall_en_demo.json")
+    mapping = FieldMapping(messages_key="conversations")
+    result = encode_split([path], get_template(template, tokenizer), tokenizer,
+                          EncodeSettings(mapping, sequence_length=10**7, on_bad_sample="skip"))
+    assert result.report["rows_read"] == 300
+    assert check_encoded(result.dataset, [path], mapping, template, tokenizer) == result.report["kept"]
+    assert result.report["kept"] >= 290, result.report
