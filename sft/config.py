@@ -32,6 +32,22 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the field."""
 
 
+def _mapping(text: Any) -> dict:
+    """A mapping field from the command line, written as YAML: --tracker_kwargs '{log_dir: runs/a}'."""
+    import yaml
+
+    value = yaml.safe_load(text) if isinstance(text, str) else text
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping like '{{key: value}}', got {text!r}")
+    return value
+
+
+def _mapping_field():
+    from simple_parsing.helpers import field as parsed_field
+
+    return parsed_field(default_factory=dict, type=_mapping)
+
+
 @dataclass
 class DataArgs:
     """Where the training data is and how it becomes (input_ids, labels)."""
@@ -48,6 +64,8 @@ class DataArgs:
     """A malformed row: error (stop, naming file, row and reason) or skip (count it, write it to the rejects file)."""
     loss_on_turns: str = "all"
     """Which assistant turns of a multi-turn row are trained on: all, or last (earlier ones become context)."""
+    encoded_path: Optional[str] = None
+    """A folder written by scripts/encode.py (or pack.py) to train from instead of encoding file_name."""
     rejects_file: Optional[str] = None
     """Where skipped rows are written (JSONL with reasons). Default: rejects-<split>.jsonl beside the encoded data."""
 
@@ -64,6 +82,10 @@ class ValidationDataArgs:
 class ValidationConfig:
     data_args: ValidationDataArgs = field(default_factory=ValidationDataArgs)
     """Validation data."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts answered greedily before and after training, printed at the end of the run."""
+    max_new_tokens: int = 48
+    """Tokens generated per sample prompt."""
 
 
 @dataclass
@@ -81,7 +103,27 @@ class TrainingArgs:
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
     dataloader_num_workers: int = 0
-    """DataLoader worker processes per training process."""
+    """DataLoader worker processes per training process (0: batches are built in the training process)."""
+    lr_scheduler_type: str = "cosine"
+    """Learning-rate decay after warmup: cosine, linear or constant."""
+    warmup_steps: int = 0
+    """Linear warmup steps; 0 uses warmup_ratio."""
+    warmup_ratio: float = 0.0
+    """Fraction of the run spent in linear warmup when warmup_steps is 0."""
+    min_lr_ratio: float = 0.0
+    """The decay ends at learning_rate * min_lr_ratio."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norms)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    save_total_limit: int = 0
+    """Keep only the newest this many checkpoints; 0 keeps all."""
+    on_nan: str = "error"
+    """A NaN/inf loss: error (stop, naming the step) or skip (drop that optimizer step; not with deepspeed_train)."""
 
 
 @dataclass
@@ -90,7 +132,7 @@ class StrategyArgs:
 
     strategy_name: str = "ddp_train"
     """ddp_train, deepspeed_train (ZeRO stage/offload in strategy_config) or fsdp2_train."""
-    strategy_config: dict = field(default_factory=dict)
+    strategy_config: dict = _mapping_field()
     """Strategy options, e.g. {zero_stage: 3, offload_optimizer: false} for deepspeed_train."""
 
 
@@ -99,7 +141,15 @@ class ModelArgs:
     """How the model is loaded."""
 
     dtype: str = "bf16"
-    """Parameter/compute dtype: bf16, fp16 or fp32."""
+    """Compute precision: bf16, fp16 or fp32 (master weights and optimizer state stay fp32)."""
+    attn_implementation: str = "auto"
+    """auto (flash_attention_2 on a GPU that has it, else sdpa), sdpa, eager or flash_attention_2."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    from_scratch: bool = False
+    """Initialise the weights randomly from the model config instead of loading them."""
+    model_config: Optional[str] = None
+    """Folder (or file) with the config.json used by from_scratch; default: pretrain."""
 
 
 @dataclass
@@ -166,8 +216,10 @@ class SFTConfig:
     """Gradient clipping norm; 0 disables clipping."""
     track_with: str = "tensorboard"
     """Metrics tracker: tensorboard or none."""
-    tracker_kwargs: dict = field(default_factory=dict)
+    tracker_kwargs: dict = _mapping_field()
     """Tracker options, e.g. {log_dir: ./output/tensorboard}."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device for MFU (e.g. 790 for bf16 on an H100 here); 0: known GPUs only."""
     cluster_name: str = "sft_train"
     """Last path component of a checkpoint: <output_dir>/sft_train/checkpoint-<step>/<cluster_name>/."""
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -192,6 +244,11 @@ class SFTConfig:
         _check_choice("sft_train.data_args.on_bad_sample", data.on_bad_sample, BAD_SAMPLE_POLICIES)
         _check_choice("sft_train.data_args.loss_on_turns", data.loss_on_turns, LOSS_ON_TURNS)
         _check_choice("sft_train.model_args.dtype", self.sft_train.model_args.dtype, DTYPES)
+        _check_choice("sft_train.model_args.attn_implementation", self.sft_train.model_args.attn_implementation,
+                      ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"))
+        args = self.sft_train.training_args
+        _check_choice("sft_train.training_args.lr_scheduler_type", args.lr_scheduler_type, ("cosine", "linear", "constant"))
+        _check_choice("sft_train.training_args.on_nan", args.on_nan, ("error", "skip"))
         strategy = self.sft_train.strategy_args.strategy_name
         if strategy == "megatron_train":
             raise ConfigError(
@@ -200,6 +257,13 @@ class SFTConfig:
                 "for a model that does not fit with ddp_train."
             )
         _check_choice("sft_train.strategy_args.strategy_name", strategy, STRATEGIES)
+        if strategy == "deepspeed_train" and args.on_nan == "skip":
+            raise ConfigError("sft_train.training_args.on_nan: skip is not supported with deepspeed_train "
+                              "(DeepSpeed steps inside backward); use error")
+        if strategy == "deepspeed_train":
+            stage = self.sft_train.strategy_args.strategy_config.get("zero_stage", 2)
+            if stage not in (0, 1, 2, 3) and "deepspeed_config" not in self.sft_train.strategy_args.strategy_config:
+                raise ConfigError(f"sft_train.strategy_args.strategy_config.zero_stage: must be 0-3, got {stage!r}")
         _check_choice("track_with", self.track_with, ("tensorboard", "none"))
         positive = {
             "sequence_length": self.sequence_length,
@@ -214,7 +278,6 @@ class SFTConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {value}")
-        args = self.sft_train.training_args
         if args.max_steps < -1 or args.max_steps == 0:
             raise ConfigError(f"sft_train.training_args.max_steps: must be positive or -1 (derive from epochs), got {args.max_steps}")
         if args.max_steps == -1 and args.num_train_epochs <= 0:
@@ -223,6 +286,12 @@ class SFTConfig:
             raise ConfigError(f"sft_train.training_args.learning_rate: must not be negative, got {args.learning_rate}")
         if args.dataloader_num_workers < 0:
             raise ConfigError(f"sft_train.training_args.dataloader_num_workers: must not be negative, got {args.dataloader_num_workers}")
+        if not 0 <= args.warmup_ratio < 1:
+            raise ConfigError(f"sft_train.training_args.warmup_ratio: must be in [0, 1), got {args.warmup_ratio}")
+        if args.warmup_steps < 0 or args.save_total_limit < 0:
+            raise ConfigError("sft_train.training_args.warmup_steps and save_total_limit must not be negative")
+        if self.validation.max_new_tokens < 1:
+            raise ConfigError(f"validation.max_new_tokens: must be at least 1, got {self.validation.max_new_tokens}")
         if self.max_grad_norm < 0:
             raise ConfigError(f"max_grad_norm: must not be negative (0 disables clipping), got {self.max_grad_norm}")
         parse_device_mapping(self.sft_train.device_mapping)
@@ -233,7 +302,10 @@ class SFTConfig:
             raise ConfigError("pretrain: not set; give the model (or tokenizer) folder or hub id")
         if not os.path.exists(self.pretrain) and not _looks_like_hub_id(self.pretrain):
             raise ConfigError(f"pretrain: folder not found: {self.pretrain}")
-        if not self.sft_train.data_args.file_name:
+        encoded = self.sft_train.data_args.encoded_path
+        if encoded is not None and not os.path.isdir(os.path.join(encoded, "train")):
+            raise ConfigError(f"sft_train.data_args.encoded_path: {encoded} has no train/ folder (write it with scripts/encode.py --out)")
+        if not self.sft_train.data_args.file_name and encoded is None:
             raise ConfigError("sft_train.data_args.file_name: not set; give one or more .json/.jsonl files")
         for name, files in (
             ("sft_train.data_args.file_name", self.sft_train.data_args.file_name),
