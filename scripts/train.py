@@ -131,7 +131,7 @@ def main(config: SFTConfig) -> dict:
              f"{len(train):,} samples, {per_epoch} steps/epoch, {total_steps} steps, global batch {global_batch}")
     template = get_template(config.template_name(), tokenizer)
     prompts = config.validation.sample_prompts
-    can_generate = prompts and not worker.is_zero3
+    can_generate = prompts and not worker.params_sharded
     before = worker.answer(prompts, template, config.validation.max_new_tokens) if can_generate and accelerator.is_main_process else []
 
     # ----- preemption ------------------------------------------------------------------------------
@@ -149,8 +149,11 @@ def main(config: SFTConfig) -> dict:
               "data": 0.0, "forward_backward": 0.0, "optimizer": 0.0, "steps": 0}
     eval_seconds = checkpoint_seconds = 0.0
     last_saved = worker.step if resume else -1
-    val_metrics = {}
+    val_metrics, metrics = {}, {}
     first_loss = None
+    if worker.step >= total_steps:
+        log.line(f"nothing to train: the checkpoint is at step {worker.step} of {total_steps}; raise "
+                 "sft_train.training_args.max_steps (or num_train_epochs) to train further")
     progress = tqdm(total=total_steps, initial=worker.step, desc="train", disable=not accelerator.is_main_process,
                     dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
     run_start = time.perf_counter()
@@ -222,7 +225,7 @@ def main(config: SFTConfig) -> dict:
     progress.close()
 
     # ----- summary ---------------------------------------------------------------------------------
-    summary = {"steps": worker.step, "first_loss": first_loss, "last_loss": metrics["loss"] if worker.step else None,
+    summary = {"steps": worker.step, "first_loss": first_loss, "last_loss": metrics.get("loss"),
                "val_loss": val_metrics.get("val_loss"), "seconds": time.perf_counter() - run_start,
                "eval_seconds": eval_seconds, "checkpoint_seconds": checkpoint_seconds, "last_checkpoint": last_saved,
                "peak_memory_gib": peak_memory_bytes() / 2**30}

@@ -62,25 +62,42 @@ def deepspeed_config(config: SFTConfig) -> dict:
     return base
 
 
+def apply_device_mapping(device_ids) -> None:
+    """Restrict this process to device_mapping's GPUs (before CUDA starts); each local rank takes one of them."""
+    if device_ids is None:
+        return
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if local_world > len(device_ids):
+        raise SystemExit(f"error: sft_train.device_mapping names {len(device_ids)} device(s) but {local_world} processes "
+                         "run on this machine; launch at most that many (--num_processes) or widen device_mapping")
+    wanted = ",".join(str(i) for i in device_ids)
+    current = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if current is None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = wanted
+    elif current != wanted:
+        raise SystemExit(f"error: sft_train.device_mapping ({wanted}) disagrees with CUDA_VISIBLE_DEVICES={current}; "
+                         "set one of them")
+
+
 def build_accelerator(config: SFTConfig):
     """The Accelerator for this run: gloo on CPU, DeepSpeed when strategy_name is deepspeed_train."""
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
+    apply_device_mapping(config.sft_train.device_ids())
     on_gpu = torch.cuda.is_available()
     # On CPU the process group must be gloo (FACTS.md); a single process needs none.
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not on_gpu else []
     plugin = None
     strategy = config.sft_train.strategy_args.strategy_name
-    if strategy == "fsdp2_train":
-        raise SystemExit("error: sft_train.strategy_args.strategy_name: fsdp2_train is not implemented yet; "
-                         "use ddp_train, or deepspeed_train with strategy_config {zero_stage: 3} to shard the model")
     if strategy == "deepspeed_train":
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(config))
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[config.sft_train.model_args.dtype]
     tracking = config.track_with if config.track_with != "none" else None
     log_dir = config.tracker_kwargs.get("log_dir", os.path.join(config.logging_dir, "tensorboard"))
+    if strategy == "fsdp2_train":
+        mixed = "no"  # FSDP2 casts through its own MixedPrecisionPolicy (see SFTWorker._shard)
     return Accelerator(
         cpu=not on_gpu,
         mixed_precision=None if plugin is not None else mixed,
@@ -102,7 +119,8 @@ class SFTWorker:
         self.model = self.optimizer = None
         self.step = 0
         self.total_steps = 0
-        self.is_zero3 = False
+        self.params_sharded = False
+        self.fsdp2 = False
 
     # ----- initialize ------------------------------------------------------------------------------
     def initialize(self, total_steps: int) -> dict:
@@ -117,6 +135,9 @@ class SFTWorker:
         self.parameter_count = sum(p.numel() for p in model.parameters())
         self.model_config = model.config
         self.total_steps = total_steps
+        self.fsdp2 = config.sft_train.strategy_args.strategy_name == "fsdp2_train"
+        if self.fsdp2:
+            model = self._shard(model)  # before the optimizer: sharding replaces the parameters
         args = config.sft_train.training_args
         decay, no_decay = [], []
         for name, parameter in model.named_parameters():
@@ -124,10 +145,32 @@ class SFTWorker:
         groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                       eps=args.adam_epsilon)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.fsdp2:
+            self.model, self.optimizer = model, optimizer  # Accelerate would wrap an FSDP2 model in DDP
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         plugin = self.accelerator.state.deepspeed_plugin
-        self.is_zero3 = plugin is not None and plugin.zero_stage == 3
+        # With sharded parameters every rank must take part in every forward pass.
+        self.params_sharded = self.fsdp2 or (plugin is not None and plugin.zero_stage == 3)
         return {"parameters": self.parameter_count, "attention": attn, "init_seconds": time.perf_counter() - start}
+
+    def _shard(self, model):
+        """FSDP2: shard each decoder layer and the root over all processes (torch's fully_shard; gloo on CPU)."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        device = self.accelerator.device
+        model.to(device)
+        mesh = init_device_mesh(device.type, (self.accelerator.num_processes,))
+        options = {"mesh": mesh}
+        dtype = self.config.sft_train.model_args.dtype
+        if dtype != "fp32":
+            options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bf16" else torch.float16,
+                                                        reduce_dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, **options)
+        fully_shard(model, **options)
+        return model
 
     # ----- helpers ---------------------------------------------------------------------------------
     def _batch(self, dataset, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -210,7 +253,11 @@ class SFTWorker:
         if skipped:
             return float("nan")
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
-        norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.fsdp2:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        else:
+            norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
@@ -250,11 +297,13 @@ class SFTWorker:
             shutil.rmtree(staging, ignore_errors=True)
             os.makedirs(staging)
         accelerator.wait_for_everyone()
-        accelerator.save_state(os.path.join(staging, "training_state"))
+        accelerator.save_state(os.path.join(staging, "training_state"))  # with FSDP2: the RNG states only
+        if self.fsdp2:
+            self._save_sharded(os.path.join(staging, "training_state", "fsdp2"))
         model_folder = ckpt.model_dir(staging, config.cluster_name)
-        weights = accelerator.get_state_dict(self.model)  # every rank takes part (ZeRO-3 gathers)
+        weights = self._full_state_dict()  # every rank takes part (ZeRO-3 and FSDP2 gather)
         if accelerator.is_main_process:
-            accelerator.unwrap_model(self.model).save_pretrained(
+            (self.model if self.fsdp2 else accelerator.unwrap_model(self.model)).save_pretrained(
                 model_folder, state_dict=weights, save_function=accelerator.save, safe_serialization=True)
             self.tokenizer.save_pretrained(model_folder)
         accelerator.wait_for_everyone()
@@ -268,15 +317,40 @@ class SFTWorker:
     def load_checkpoint(self, path: str) -> dict:
         """Restore model, optimizer and RNG states from a complete checkpoint; returns its trainer state."""
         self.accelerator.load_state(os.path.join(path, "training_state"))
+        if self.fsdp2:
+            self._load_sharded(os.path.join(path, "training_state", "fsdp2"))
         state = ckpt.read_state(path)
         self.step = state["step"]
         return state
+
+    def _full_state_dict(self) -> dict:
+        if not self.fsdp2:
+            return self.accelerator.get_state_dict(self.model)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _save_sharded(self, folder: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+
+    def _load_sharded(self, folder: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=folder)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
     # ----- demo ------------------------------------------------------------------------------------
     @torch.no_grad()
     def answer(self, prompts: list[str], template, max_new_tokens: int) -> list[str]:
         """Greedy answers of the live model to ``prompts`` (main process; not under ZeRO-3)."""
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.model if self.fsdp2 else self.accelerator.unwrap_model(self.model)
         model.eval()
         answers = []
         for prompt in prompts:

@@ -89,6 +89,29 @@ def train(setup, out, *overrides, processes=1, check=True):
     return result
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once, as a node failure would (ranks may sit in sessions of
+    their own, out of reach of a process-group kill)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    doomed, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        doomed.append(current)
+        stack.extend(children.get(current, []))
+    for victim in doomed:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def weights(out, step):
     from safetensors.torch import load_file
 
@@ -100,21 +123,33 @@ def losses(out):
     return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
 
 
-def test_resume_after_sigkill_is_bitwise_exact(setup, tmp_path):
+RESUME_CASES = {
+    "ddp-1-process": ([], 1),
+    "zero3-2-processes": (["--sft_train.strategy_args.strategy_name", "deepspeed_train",
+                           "--sft_train.strategy_args.strategy_config", "{zero_stage: 3}"], 2),
+    "fsdp2-2-processes": (["--sft_train.strategy_args.strategy_name", "fsdp2_train"], 2),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_resume_after_sigkill_is_bitwise_exact(setup, tmp_path, case):
     root, config = setup
-    steps = ["--sft_train.training_args.max_steps", "40", "--save_steps", "4", "--eval_steps", "100"]
-    train(setup, tmp_path / "straight", *steps)
+    strategy, processes = RESUME_CASES[case]
+    steps = [*strategy, "--sft_train.training_args.max_steps", "40", "--save_steps", "4", "--eval_steps", "100"]
+    train(setup, tmp_path / "straight", *steps, processes=processes)
     killed = tmp_path / "killed"
-    process = subprocess.Popen(command(config, killed, *steps), cwd=ROOT, env=environment(root),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A session of its own, so the kill takes the launcher and every rank at once, as a node failure does.
+    process = subprocess.Popen(command(config, killed, *steps, processes=processes), cwd=ROOT, env=environment(root),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     marker = killed / "sft_train" / "checkpoint-4" / "COMPLETE"
     deadline = time.time() + 300
     while not marker.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
+    kill_tree(process.pid)
     process.wait()
+    time.sleep(0.5)
     assert marker.exists() and not (killed / "sft_train" / "checkpoint-40").exists(), "the run ended before the kill"
-    resumed = train(setup, killed, *steps, "--resume_from_checkpoint", "true")
+    resumed = train(setup, killed, *steps, "--resume_from_checkpoint", "true", processes=processes)
     assert "resumed from" in resumed.stdout + resumed.stderr
     straight, again = weights(tmp_path / "straight", 40), weights(killed, 40)
     assert straight.keys() == again.keys()
@@ -172,6 +207,7 @@ STRATEGIES = {
               "--sft_train.strategy_args.strategy_config", "{zero_stage: 2}"],
     "zero3": ["--sft_train.strategy_args.strategy_name", "deepspeed_train",
               "--sft_train.strategy_args.strategy_config", "{zero_stage: 3}"],
+    "fsdp2": ["--sft_train.strategy_args.strategy_name", "fsdp2_train"],
 }
 
 
@@ -186,7 +222,7 @@ def ddp_run(setup, tmp_path_factory):
     return out, train_with(setup, out, "ddp")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp2"])
 def test_strategies_give_the_same_losses_and_loadable_checkpoints(setup, tmp_path, strategy, ddp_run):
     reference_out, reference = ddp_run
     out = reference_out if strategy == "ddp" else tmp_path / strategy
@@ -252,3 +288,23 @@ def test_the_demo_config_runs_and_prints_answers(tmp_path):
     assert result.returncode == 0, output[-4000:]
     assert "val loss" in output and "before:" in output and "after:" in output
     assert (out / "sft_train" / "checkpoint-20" / "COMPLETE").exists()
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_a_nan_loss_stops_naming_the_step_or_is_skipped(setup, tmp_path, policy):
+    # An absurd learning rate sends the weights to infinity after the first update.
+    result = train(setup, tmp_path / policy, "--sft_train.training_args.learning_rate", "1e30",
+                   "--sft_train.training_args.warmup_steps", "0", "--sft_train.training_args.on_nan", policy,
+                   "--sft_train.training_args.max_steps", "4", "--max_grad_norm", "0", check=False)
+    output = result.stdout + result.stderr
+    if policy == "error":
+        assert result.returncode != 0 and "the loss is NaN or infinite" in output
+        assert "step 2:" in output or "step 3:" in output
+    else:
+        assert result.returncode == 0, output[-3000:]
+        assert "skipped (NaN)" in output
+
+
+def test_device_mapping_wider_than_the_machine_is_refused(setup, tmp_path):
+    result = train(setup, tmp_path / "map", "--sft_train.device_mapping", "[0]", check=False, processes=2)
+    assert result.returncode != 0 and "device_mapping names 1 device(s) but 2 processes" in result.stdout + result.stderr
