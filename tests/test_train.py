@@ -157,6 +157,41 @@ def test_resume_after_sigkill_is_bitwise_exact(setup, tmp_path, case):
         assert torch.equal(straight[name], again[name]), name
 
 
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_and_resume_works(setup, tmp_path):
+    """Guarantee 5: killed while checkpoint N is being written, the run resumes from N-1 and ends as if never killed."""
+    root, config = setup
+    steps = ["--sft_train.training_args.max_steps", "24", "--save_steps", "1", "--eval_steps", "100"]
+    train(setup, tmp_path / "straight", *steps[:2], "--save_steps", "24", "--eval_steps", "100")
+    for attempt in range(5):
+        out = tmp_path / f"killed-{attempt}"
+        process = subprocess.Popen(command(config, out, *steps), cwd=ROOT, env=environment(root),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        root_dir = out / "sft_train"
+        caught = None
+        deadline = time.time() + 300
+        while caught is None and process.poll() is None and time.time() < deadline:
+            staging = [p for p in (root_dir.glob(".tmp-checkpoint-*") if root_dir.exists() else [])
+                       if int(p.name.rsplit("-", 1)[1]) >= 3]
+            if staging:
+                kill_tree(process.pid)
+                caught = staging[0]
+        process.wait()
+        if caught is not None and caught.exists():
+            break
+    else:
+        pytest.fail("never caught the run in the middle of a save")
+    step = int(caught.name.rsplit("-", 1)[1])
+    from sft import checkpoint as ckpt
+
+    assert ckpt.latest_checkpoint(str(out)) == ckpt.checkpoint_dir(str(out), step - 1)
+    resumed = train(setup, out, *steps, "--resume_from_checkpoint", "true")
+    assert f"checkpoint-{step - 1} at step {step - 1}" in resumed.stdout + resumed.stderr
+    assert not caught.exists()  # the half-written folder was cleaned up
+    straight, again = weights(tmp_path / "straight", 24), weights(out, 24)
+    for name in straight:
+        assert torch.equal(straight[name], again[name]), name
+
+
 def test_accumulation_and_ranks_give_the_same_update(setup, tmp_path):
     common = ["--sft_train.training_args.max_steps", "2", "--save_steps", "2", "--eval_steps", "100"]
     train(setup, tmp_path / "bs8", *common, "--sft_train.training_args.per_device_train_batch_size", "8")
