@@ -94,7 +94,21 @@ def load_data(config: SFTConfig, accelerator, tokenizer):
     train = load_from_disk(os.path.join(folder, "train"))
     val_path = os.path.join(folder, "validation")
     validation = load_from_disk(val_path) if os.path.isdir(val_path) else None
+    if config.sft_train.use_sequence_packing and "position_ids" not in train.column_names:
+        from sft.packing import build_packed, format_packing_report
+
+        # Deterministic, so every process packs the same rows; validation stays unpacked (each sample once).
+        train, report = build_packed(train, config.sequence_length, config.sft_train.data_args.packing_strategy)
+        if accelerator.is_main_process:
+            print(format_packing_report(report))
     return train, validation
+
+
+def packing_fill_ratio(train, sequence_length: int):
+    """Real tokens / (rows x sequence_length) of a packed training set; None when samples are not packed."""
+    if "position_ids" not in train.column_names:
+        return None
+    return sum(train["length"]) / (len(train) * sequence_length)
 
 
 def main(config: SFTConfig) -> dict:
@@ -129,6 +143,10 @@ def main(config: SFTConfig) -> dict:
     log.line(f"model {info['parameters'] / 1e6:.2f}M parameters, attention {info['attention']}, "
              f"strategy {config.sft_train.strategy_args.strategy_name}, {world} process(es) | "
              f"{len(train):,} samples, {per_epoch} steps/epoch, {total_steps} steps, global batch {global_batch}")
+    fill = packing_fill_ratio(train, config.sequence_length)
+    if fill is not None:
+        log.scalars(worker.step, {"data/packing_fill_ratio": fill})
+        log.line(f"packed rows: {len(train):,}, fill ratio {fill:.1%}")
     template = get_template(config.template_name(), tokenizer)
     prompts = config.validation.sample_prompts
     can_generate = prompts and not worker.params_sharded

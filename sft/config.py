@@ -64,6 +64,10 @@ class DataArgs:
     """A malformed row: error (stop, naming file, row and reason) or skip (count it, write it to the rejects file)."""
     loss_on_turns: str = "all"
     """Which assistant turns of a multi-turn row are trained on: all, or last (earlier ones become context)."""
+    packing_strategy: str = "bfd"
+    """With use_sequence_packing: bfd (best-fit decreasing, fewest rows) or greedy (keeps the sample order)."""
+    pad_to_multiple_of: int = 1
+    """Pad every (packed) row to a multiple of this many tokens (tensor/context parallel alignment)."""
     encoded_path: Optional[str] = None
     """A folder written by scripts/encode.py (or pack.py) to train from instead of encoding file_name."""
     rejects_file: Optional[str] = None
@@ -243,6 +247,10 @@ class SFTConfig:
         _check_choice("sft_train.data_args.overlong", data.overlong, OVERLONG_POLICIES)
         _check_choice("sft_train.data_args.on_bad_sample", data.on_bad_sample, BAD_SAMPLE_POLICIES)
         _check_choice("sft_train.data_args.loss_on_turns", data.loss_on_turns, LOSS_ON_TURNS)
+        _check_choice("sft_train.data_args.packing_strategy", data.packing_strategy, ("bfd", "greedy"))
+        if data.pad_to_multiple_of < 1 or self.sequence_length % data.pad_to_multiple_of:
+            raise ConfigError(f"sft_train.data_args.pad_to_multiple_of: must be >= 1 and divide sequence_length "
+                              f"{self.sequence_length}, got {data.pad_to_multiple_of}")
         _check_choice("sft_train.model_args.dtype", self.sft_train.model_args.dtype, DTYPES)
         _check_choice("sft_train.model_args.attn_implementation", self.sft_train.model_args.attn_implementation,
                       ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"))

@@ -23,6 +23,7 @@ import torch
 
 from sft import checkpoint as ckpt
 from sft.collate import pad_collate
+from sft.packing import packed_collate
 from sft.config import SFTConfig
 from sft.modeling import attention_implementation, load_model, loss_sum
 from sft.schedule import lr_at
@@ -136,6 +137,10 @@ class SFTWorker:
         self.model_config = model.config
         self.total_steps = total_steps
         self.fsdp2 = config.sft_train.strategy_args.strategy_name == "fsdp2_train"
+        if "position_ids" in self.train_data.column_names:
+            from sft.packing import check_packing_backend
+
+            check_packing_backend(attn, model.config.use_cache)
         if self.fsdp2:
             model = self._shard(model)  # before the optimizer: sharding replaces the parameters
         args = config.sft_train.training_args
@@ -173,11 +178,20 @@ class SFTWorker:
         return model
 
     # ----- helpers ---------------------------------------------------------------------------------
-    def _batch(self, dataset, indices: list[int]) -> dict[str, torch.Tensor]:
+    def _batch(self, dataset, indices: list[int]) -> tuple[dict[str, torch.Tensor], int, int]:
+        """A micro-batch on this process's device, its number of real (non-pad) tokens and of samples."""
         columns = dataset[indices]
-        samples = [{"input_ids": ids, "labels": labels} for ids, labels in zip(columns["input_ids"], columns["labels"])]
-        batch = pad_collate(samples, self.pad_id)
-        return {key: value.to(self.accelerator.device) for key, value in batch.items()}
+        multiple = self.config.sft_train.data_args.pad_to_multiple_of
+        if "position_ids" in columns:  # packed rows: positions restart per sample, no attention mask
+            rows = [{"input_ids": i, "labels": l, "position_ids": p}
+                    for i, l, p in zip(columns["input_ids"], columns["labels"], columns["position_ids"])]
+            batch = packed_collate(rows, self.pad_id, multiple)
+        else:
+            samples = [{"input_ids": i, "labels": l} for i, l in zip(columns["input_ids"], columns["labels"])]
+            batch = pad_collate(samples, self.pad_id, multiple)
+        tokens = sum(len(ids) for ids in columns["input_ids"])
+        samples = sum(columns["num_samples"]) if "num_samples" in columns else len(indices)
+        return {key: value.to(self.accelerator.device) for key, value in batch.items()}, tokens, samples
 
     def _all_sum(self, values: list[float]) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
@@ -199,11 +213,12 @@ class SFTWorker:
         accelerator, model = self.accelerator, self.model
         timings = {"data": 0.0, "forward_backward": 0.0, "optimizer": 0.0}
         start = time.perf_counter()
-        batches = [self._batch(self.train_data, indices) for indices in micro_batches]
+        built = [self._batch(self.train_data, indices) for indices in micro_batches]
+        batches = [batch for batch, _, _ in built]
         local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        local_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        local_padded = sum(b["attention_mask"].numel() for b in batches)
-        local_samples = sum(len(indices) for indices in micro_batches)
+        local_tokens = sum(tokens for _, tokens, _ in built)
+        local_padded = sum(b["input_ids"].numel() for b in batches)
+        local_samples = sum(samples for _, _, samples in built)
         targets, tokens, padded, samples = self._all_sum([local_targets, local_tokens, local_padded, local_samples])
         timings["data"] = time.perf_counter() - start
         lr = self.set_lr(self.step)
@@ -274,7 +289,7 @@ class SFTWorker:
         steps = int(self._all_max(len(batches)))
         for index in range(steps):
             indices = batches[index] if index < len(batches) else [0]
-            batch = self._batch(self.val_data, indices)
+            batch, _, _ = self._batch(self.val_data, indices)
             if index >= len(batches):
                 batch["labels"].fill_(-100)
             summed, targets = loss_sum(self.model, batch)

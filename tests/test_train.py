@@ -125,6 +125,7 @@ def losses(out):
 
 RESUME_CASES = {
     "ddp-1-process": ([], 1),
+    "packed-1-process": (["--sft_train.use_sequence_packing", "true"], 1),
     "zero3-2-processes": (["--sft_train.strategy_args.strategy_name", "deepspeed_train",
                            "--sft_train.strategy_args.strategy_config", "{zero_stage: 3}"], 2),
     "fsdp2-2-processes": (["--sft_train.strategy_args.strategy_name", "fsdp2_train"], 2),
@@ -193,7 +194,9 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_and_resume_works(se
 
 
 def test_accumulation_and_ranks_give_the_same_update(setup, tmp_path):
-    common = ["--sft_train.training_args.max_steps", "2", "--save_steps", "2", "--eval_steps", "100"]
+    # adam_epsilon 1: updates smooth in the gradient, so float32 summation order cannot flip a sign-like step.
+    common = ["--sft_train.training_args.max_steps", "2", "--save_steps", "2", "--eval_steps", "100",
+              "--sft_train.training_args.adam_epsilon", "1.0", "--sft_train.training_args.learning_rate", "0.5"]
     train(setup, tmp_path / "bs8", *common, "--sft_train.training_args.per_device_train_batch_size", "8")
     train(setup, tmp_path / "ga8", *common, "--sft_train.training_args.per_device_train_batch_size", "1",
           "--sft_train.training_args.gradient_accumulation_steps", "8")
@@ -343,3 +346,30 @@ def test_a_nan_loss_stops_naming_the_step_or_is_skipped(setup, tmp_path, policy)
 def test_device_mapping_wider_than_the_machine_is_refused(setup, tmp_path):
     result = train(setup, tmp_path / "map", "--sft_train.device_mapping", "[0]", check=False, processes=2)
     assert result.returncode != 0 and "device_mapping names 1 device(s) but 2 processes" in result.stdout + result.stderr
+
+
+def test_packing_changes_nothing_but_speed(setup, tmp_path):
+    """Guarantee 2 end to end: one step over all 40 samples, unpacked vs packed offline vs packed online."""
+    root, config = setup
+    packed_dir = tmp_path / "packed"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "pack.py"), "--config_path", config,
+                             "--output_dir", str(tmp_path / "enc"), "--out", str(packed_dir)],
+                            capture_output=True, text=True, cwd=ROOT, check=True)
+    rows = int(result.stdout.split(" into ")[1].split(" rows")[0])
+    assert rows < 40 and "lower bound" in result.stdout and "fill ratio" in result.stdout
+    # A large AdamW epsilon makes the first update smooth in the gradient (lr * g / (|g| + eps)) rather than
+    # sign-like, so float32 rounding of tiny gradients cannot flip whole steps.
+    one_step = ["--sft_train.training_args.max_steps", "1", "--save_steps", "1", "--eval_steps", "100",
+                "--sft_train.training_args.adam_epsilon", "1.0", "--sft_train.training_args.learning_rate", "0.5"]
+    train(setup, tmp_path / "unpacked", *one_step, "--sft_train.training_args.per_device_train_batch_size", "40")
+    train(setup, tmp_path / "offline", *one_step, "--sft_train.training_args.per_device_train_batch_size", str(rows),
+          "--sft_train.data_args.encoded_path", str(packed_dir))
+    online = train(setup, tmp_path / "online", *one_step, "--sft_train.training_args.per_device_train_batch_size",
+                   str(rows), "--sft_train.use_sequence_packing", "true")
+    assert f"into {rows} rows" in online.stdout + online.stderr and "fill ratio" in online.stdout + online.stderr
+    reference = weights(tmp_path / "unpacked", 1)
+    for other in ("offline", "online"):
+        candidate = weights(tmp_path / other, 1)
+        for name in reference:
+            assert torch.allclose(reference[name], candidate[name], rtol=1e-5, atol=1e-6), (other, name)
+        assert losses(tmp_path / other)[1] == pytest.approx(losses(tmp_path / "unpacked")[1], rel=1e-5)

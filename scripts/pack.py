@@ -1,0 +1,64 @@
+"""Pack an encoded dataset into rows of at most sequence_length tokens (position_ids restart per sample).
+
+    python scripts/pack.py --config_path configs/demo.yaml [--out DIR] [--sft_train.data_args.packing_strategy greedy]
+
+Reads sft_train.data_args.encoded_path, or encodes the configured files first (cached, as encode.py).
+Writes DIR/train (input_ids, labels, position_ids, num_samples, length) and a copy of DIR/validation
+(unpacked: validation covers each sample once), and reports rows, the lower bound and the fill ratio.
+Train on it with --sft_train.data_args.encoded_path DIR. Default DIR: <encoded folder>-packed-<strategy>.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sft.config import ConfigError, SFTConfig, load_config  # noqa: E402
+from sft.data import DataError  # noqa: E402
+from sft.dataset import build_encoded  # noqa: E402
+from sft.encoding import EncodeError  # noqa: E402
+from sft.packing import build_packed, format_packing_report  # noqa: E402
+
+
+@dataclass
+class PackOptions:
+    out: Optional[str] = None
+    """Output folder; default <encoded folder>-packed-<strategy>."""
+
+
+def main(config: SFTConfig, options: PackOptions) -> str:
+    from datasets import load_from_disk
+
+    data = config.sft_train.data_args
+    source = data.encoded_path or build_encoded(config)[0]
+    out = options.out or f"{source.rstrip(os.sep)}-packed-{data.packing_strategy}"
+    train = load_from_disk(os.path.join(source, "train"))
+    packed, report = build_packed(train, config.sequence_length, data.packing_strategy)
+    staging = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    packed.save_to_disk(os.path.join(staging, "train"))
+    if os.path.isdir(os.path.join(source, "validation")):
+        shutil.copytree(os.path.join(source, "validation"), os.path.join(staging, "validation"))
+    with open(os.path.join(staging, "pack_meta.json"), "w", encoding="utf-8") as handle:
+        json.dump({"source": source, "sequence_length": config.sequence_length,
+                   "strategy": data.packing_strategy, "report": report}, handle, indent=2)
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(staging, out)
+    print(format_packing_report(report))
+    print(f"Wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        config, options = load_config(extra=PackOptions)
+        main(config, options)
+    except (ConfigError, DataError, EncodeError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

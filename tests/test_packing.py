@@ -1,0 +1,120 @@
+"""Packing (sft/packing.py): bins, layout, and guarantee 2 (packed == unpacked loss and gradients)."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from sft.collate import pad_collate
+from sft.packing import (check_packing_backend, pack_best_fit_decreasing, pack_greedy, packed_collate, packed_row,
+                         packing_report)
+
+
+def naive_best_fit_decreasing(lengths, capacity):
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows, free = [], []
+    for index in order:
+        candidates = [r for r in range(len(rows)) if free[r] >= lengths[index]]
+        if not candidates:
+            rows.append([index])
+            free.append(capacity - lengths[index])
+            continue
+        best = min(free[r] for r in candidates)
+        row = min(r for r in candidates if free[r] == best)  # the oldest of the fullest rows that fit
+        rows[row].append(index)
+        free[row] -= lengths[index]
+    return rows
+
+
+def check_bins(rows, lengths, capacity):
+    flat = sorted(i for row in rows for i in row)
+    assert flat == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= capacity for row in rows)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_best_fit_decreasing_is_valid_and_near_the_lower_bound(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 900) for _ in range(3000)]
+    rows = pack_best_fit_decreasing(lengths, 1024)
+    check_bins(rows, lengths, 1024)
+    report = packing_report(lengths, rows, 1024)
+    assert report["lower_bound"] == math.ceil(sum(lengths) / 1024)
+    assert report["rows"] <= report["lower_bound"] * 1.03 + 1 and report["fill_ratio"] > 0.96
+    assert rows == pack_best_fit_decreasing(lengths, 1024)  # deterministic
+
+
+def test_best_fit_decreasing_matches_a_plain_implementation():
+    rng = random.Random(1)
+    for _ in range(50):
+        lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 80))]
+        rows = pack_best_fit_decreasing(lengths, 64)
+        reference = naive_best_fit_decreasing(lengths, 64)
+        assert rows == reference
+
+
+def test_greedy_keeps_the_order():
+    lengths = [5, 3, 4, 1, 6, 2]
+    rows = pack_greedy(lengths, 8)
+    assert rows == [[0, 1], [2, 3], [4, 5]]
+    assert [i for row in rows for i in row] == list(range(6))
+
+
+def test_a_sample_longer_than_a_row_is_refused():
+    with pytest.raises(ValueError, match="does not fit a row of 8"):
+        pack_best_fit_decreasing([3, 9], 8)
+
+
+def test_layout_of_a_packed_row():
+    a = {"input_ids": [11, 12, 13], "labels": [-100, 12, 13]}
+    b = {"input_ids": [21, 22], "labels": [21, 22]}  # even a target first label is masked at a boundary
+    row = packed_row([a, b])
+    assert row == {"input_ids": [11, 12, 13, 21, 22], "labels": [-100, 12, 13, -100, 22], "position_ids": [0, 1, 2, 0, 1]}
+    batch = packed_collate([row], pad_id=0, pad_to_multiple_of=8)
+    assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 22, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert batch["labels"].tolist() == [[-100, 12, 13, -100, 22, -100, -100, -100]]
+    assert "attention_mask" not in batch
+
+
+def test_backends_that_would_mix_samples_are_refused():
+    check_packing_backend("sdpa", use_cache=False)
+    with pytest.raises(ValueError, match="use_cache = False"):
+        check_packing_backend("sdpa", use_cache=True)
+    with pytest.raises(ValueError, match="flex_attention"):
+        check_packing_backend("flex_attention", use_cache=False)
+
+
+def tiny_model(attn):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, use_cache=False, attn_implementation=attn)
+    return Qwen2ForCausalLM(config).double()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_loss_and_gradients_equal_unpacked(attn):
+    from sft.modeling import loss_sum
+
+    rng = random.Random(0)
+    samples = []
+    for _ in range(7):
+        length = rng.randint(4, 30)
+        ids = [rng.randint(1, 96) for _ in range(length)]
+        prompt = rng.randint(1, length - 2)
+        samples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    model = tiny_model(attn)
+    unpacked, count = loss_sum(model, pad_collate(samples, pad_id=0))
+    unpacked.backward()
+    reference = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    rows = pack_best_fit_decreasing([len(s["input_ids"]) for s in samples], 64)
+    packed, packed_count = loss_sum(model, packed_collate([packed_row([samples[i] for i in row]) for row in rows], 0))
+    packed.backward()
+    assert packed_count == count
+    assert abs(float(packed) - float(unpacked)) < 1e-10 * max(1.0, abs(float(unpacked)))
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(parameter.grad, reference[name], rtol=1e-9, atol=1e-12), name
