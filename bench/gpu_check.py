@@ -63,6 +63,33 @@ def main() -> None:
     with open(os.path.join(args.out, "train.jsonl"), "w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
+    # Variable lengths (64 .. sequence_length) for the packed-vs-padded comparison.
+    with open(os.path.join(args.out, "variable.jsonl"), "w", encoding="utf-8") as handle:
+        for index in range(args.rows * 4):
+            size = rng.randint(64, args.sequence_length - 64)
+            text = ""
+            while len(text) < size:
+                text += rng.choice(words) + " "
+            handle.write(json.dumps({"instruction": f"Continue list {index}:", "input": "", "output": text[:size]}) + "\n")
+    for name, packing, batch in (("padded", "false", args.batch), ("packed", "true", args.batch)):
+        with open(os.path.join(args.out, f"run_{name}.yaml"), "w", encoding="utf-8") as handle:
+            handle.write(f"""exp_name: gpu-check-{name}
+seed: 0
+output_dir: {args.out}/{name}
+logging_dir: {args.out}/{name}/logs
+save_steps: 100000
+logging_steps: 5
+eval_steps: 100000
+sequence_length: {args.sequence_length}
+pretrain: {model}
+peak_tflops: 790
+track_with: none
+sft_train:
+  use_sequence_packing: {packing}
+  model_args: {{dtype: bf16, from_scratch: true, attn_implementation: sdpa}}
+  training_args: {{max_steps: {args.steps}, learning_rate: 1.0e-4, per_device_train_batch_size: {batch}, warmup_steps: 2}}
+  data_args: {{file_name: {args.out}/variable.jsonl, template: chatml}}
+""")
     with open(os.path.join(args.out, "run.yaml"), "w", encoding="utf-8") as handle:
         handle.write(f"""exp_name: gpu-check
 seed: 0

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check: a Qwen2.5-0.5B-shaped model (random init) in bf16 with SDPA (flash-attention when installed),
 # sequence_length 4096, 20 steps of scripts/train.py; prints tokens/s, MFU (against 790 TFLOP/s bf16) and
-# peak memory. On a machine without a GPU it runs the same pipeline at tiny size on the CPU.
+# peak memory. Then packed vs padded training on variable-length samples, and the packed-vs-unpacked
+# loss check in bf16 (bench/packing_check.py). Without a GPU it runs all of it at tiny size on the CPU.
 #
 #   bash bench/gpu_check.sh            # SIZE=tiny SEQ=256 STEPS=4 BATCH=2 for a quick CPU run
 set -euo pipefail
@@ -22,12 +23,22 @@ WORK=${WORK:-$(mktemp -d /tmp/gpu_check.XXXX)}
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 python3 bench/gpu_check.py --out "$WORK" --size "$SIZE" --sequence_length "$SEQ" --steps "$STEPS" --batch "$BATCH"
-python3 scripts/train.py --config_path "$WORK/run.yaml" 2>&1 | grep -v "it/s\]\|s/it\]" || true
-python3 - "$WORK/run/logs/metrics.jsonl" <<'PY'
+report() {  # the last logging window of a run, past the first steps' warm-up
+python3 - "$1" "$2" <<'PY'
 import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1]) if "perf/tokens_per_second" in line]
-last = rows[-1]  # the last logging window, past the first steps' warm-up
-print(f"gpu_check: steps {last['step']} | tokens/s {last['perf/tokens_per_second']:,.0f} | "
-      f"mfu {last.get('perf/mfu', float('nan')):.1%} | peak memory {last['memory/peak_gib']:.1f} GiB | "
-      f"step {1000 * last['time/step']:.0f} ms")
+rows = [json.loads(line) for line in open(sys.argv[2]) if "perf/tokens_per_second" in line]
+last = rows[-1]
+print(f"gpu_check {sys.argv[1]}: steps {last['step']} | tokens/s {last['perf/tokens_per_second']:,.0f} | "
+      f"mfu {last.get('perf/mfu', float('nan')):.1%} | pad {last['perf/padding_ratio']:.1%} | "
+      f"peak memory {last['memory/peak_gib']:.1f} GiB | step {1000 * last['time/step']:.0f} ms")
 PY
+}
+python3 scripts/train.py --config_path "$WORK/run.yaml" 2>&1 | grep -v "it/s\]\|s/it\]" || true
+# Packed vs padded on variable-length samples (64 .. SEQ tokens), same model and steps.
+for mode in padded packed; do
+  python3 scripts/train.py --config_path "$WORK/run_$mode.yaml" 2>&1 | grep -E "^step|packed|summary" || true
+done
+report "fixed-${SEQ}" "$WORK/run/logs/metrics.jsonl"
+report "padded-variable" "$WORK/padded/logs/metrics.jsonl"
+report "packed-variable" "$WORK/packed/logs/metrics.jsonl"
+python3 bench/packing_check.py

@@ -1,6 +1,7 @@
 """Training throughput, side by side in one run: scripts/train.py vs bare PyTorch loops vs TRL's SFTTrainer.
 
     python bench/train.py [--steps 24] [--batch 4]      # CPU; pip install trl to include TRL's rows
+    python bench/train.py --packing                     # packed vs padded training at sequence_length 1024
 
 A tiny Qwen2-shaped model (hidden 64, 2 layers) with the real Qwen2.5 tokenizer's vocabulary (151,665
 tokens): as in users' small models, the output layer is most of the cost. Data: alpaca_en_demo.json with
@@ -29,7 +30,8 @@ sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 
-def setup(work: str, steps: int, batch: int) -> tuple[str, str]:
+def setup(work: str, steps: int, batch: int, sequence_length: int = 512, packing: bool = False,
+          name: str = "run") -> tuple[str, str]:
     from transformers import AutoTokenizer, Qwen2Config
 
     tokenizer_dir = os.path.join(SHARED, "tokenizers", "qwen2.5-instruct")
@@ -40,21 +42,22 @@ def setup(work: str, steps: int, batch: int) -> tuple[str, str]:
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
                 use_cache=False, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id).save_pretrained(model)
-    config = os.path.join(work, "run.yaml")
+    config = os.path.join(work, f"{name}.yaml")
     with open(config, "w", encoding="utf-8") as handle:
         handle.write(f"""seed: 0
-output_dir: {work}/ours
-logging_dir: {work}/ours/logs
+output_dir: {work}/{name}
+logging_dir: {work}/{name}/logs
 save_steps: 100000
 logging_steps: 1
 eval_steps: 100000
-sequence_length: 512
+sequence_length: {sequence_length}
 pretrain: {model}
 track_with: none
 sft_train:
   model_args: {{dtype: fp32, from_scratch: true, attn_implementation: sdpa}}
   training_args: {{max_steps: {steps}, learning_rate: 1.0e-4, per_device_train_batch_size: {batch}}}
   data_args: {{file_name: {os.path.join(SHARED, 'datasets', 'alpaca_en_demo.json')}, template: qwen2_5}}
+  use_sequence_packing: {str(packing).lower()}
 """)
     return config, model
 
@@ -65,10 +68,10 @@ def steady(rates: list[tuple[float, float]]) -> float:
     return sum(t for t, _ in kept) / sum(s for _, s in kept)
 
 
-def ours(config: str, work: str) -> float:
+def ours(config: str, work: str, name: str = "run") -> float:
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--config_path", config],
                    check=True, capture_output=True, cwd=ROOT)
-    rows = [json.loads(line) for line in open(os.path.join(work, "ours", "logs", "metrics.jsonl"))]
+    rows = [json.loads(line) for line in open(os.path.join(work, name, "logs", "metrics.jsonl"))]
     rows = [r for r in rows if "perf/tokens_per_second" in r]
     return steady([(r["perf/tokens_per_second"] * r["time/step"], r["time/step"]) for r in rows])
 
@@ -158,11 +161,29 @@ def trl_rate(model_dir: str, data, steps: int, batch: int, packed: bool, work: s
     return steady([(tokens_per_step, seconds) for seconds in timer.rates])
 
 
+def packing_comparison(steps: int) -> None:
+    """scripts/train.py padded (8 samples a step) vs packed (2 rows of up to 1024 tokens a step) at sequence_length 1024."""
+    work = tempfile.mkdtemp(prefix="bench_train_packing_")
+    padded_config, _ = setup(work, steps, 8, sequence_length=1024, packing=False, name="padded")
+    packed_config, _ = setup(work, steps, 2, sequence_length=1024, packing=True, name="packed")
+    padded = ours(padded_config, work, "padded")
+    packed = ours(packed_config, work, "packed")
+    print(f"\nscripts/train.py on alpaca_en_demo, sequence_length 1024, {steps} steps, tiny Qwen2 with vocab 151,665, CPU\n")
+    print(f"| {'batches':<44} | {'tokens/s':>9} | {'x padded':>8} |")
+    print(f"|{'-' * 46}|{'-' * 10}:|{'-' * 9}:|")
+    print(f"| {'padded (8 samples per step)':<44} | {padded:>9,.0f} | {1.0:>8.2f} |")
+    print(f"| {'packed (2 rows of <= 1024 tokens per step)':<44} | {packed:>9,.0f} | {packed / padded:>8.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--packing", action="store_true", help="compare packed vs padded training instead")
     args = parser.parse_args()
+    if args.packing:
+        packing_comparison(args.steps)
+        return
     work = tempfile.mkdtemp(prefix="bench_train_")
     config, model_dir = setup(work, args.steps, args.batch)
     step_batches, data = batches(config, args.steps, args.batch)

@@ -10,8 +10,8 @@ so the last token of one sample never learns to predict the first token of the n
     position_ids   0  1  2  0  1   0     1            padding is a sample of its own, never attended
     labels         -  a2 a3 -  b2  -     -            '-' = -100
 
-Bin packing is best-fit decreasing (a sample goes to the fullest row it still fits in), O(n log C)
-with a segment tree over remaining capacities; ``pack_greedy`` keeps the samples' order instead.
+Bin packing is best-fit decreasing (a sample goes to the fullest row it still fits in), with open rows
+bucketed by free space and a bit set to find the best one; ``pack_greedy`` keeps the samples' order.
 Both are deterministic: equal lengths are taken in index order, and among equally full rows the
 oldest is filled first.
 """
@@ -26,62 +26,60 @@ import torch
 IGNORE_INDEX = -100
 
 
-class _FreeSpace:
-    """Which remaining capacities (0..capacity) some open row has, with 'smallest free >= need' in O(log C)."""
-
-    def __init__(self, capacity: int):
-        self.size = 1
-        while self.size < capacity + 1:
-            self.size *= 2
-        self.count = [0] * (2 * self.size)
-        self.rows: dict[int, list[int]] = {}
-
-    def add(self, free: int, row: int) -> None:
-        heapq.heappush(self.rows.setdefault(free, []), row)
-        index = free + self.size
-        while index:
-            self.count[index] += 1
-            index //= 2
-
-    def take(self, need: int) -> tuple[int, int] | None:
-        """Remove and return (free, row) of the row with the least free space >= need, or None."""
-        free = self._smallest_at_least(need, 1, 0, self.size - 1)
-        if free is None:
-            return None
-        row = heapq.heappop(self.rows[free])  # among equally full rows, the oldest
-        index = free + self.size
-        while index:
-            self.count[index] -= 1
-            index //= 2
-        return free, row
-
-    def _smallest_at_least(self, need: int, node: int, low: int, high: int) -> int | None:
-        if high < need or self.count[node] == 0:
-            return None
-        if low == high:
-            return low
-        middle = (low + high) // 2
-        found = self._smallest_at_least(need, 2 * node, low, middle)
-        return found if found is not None else self._smallest_at_least(need, 2 * node + 1, middle + 1, high)
-
-
 def pack_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Rows of sample indices, each row's total length <= capacity, by best-fit decreasing."""
+    """Rows of sample indices, each row's total length <= capacity, by best-fit decreasing.
+
+    Open rows are kept in buckets by free space; a bit set over free-space values (a Python int) finds
+    the smallest free space >= a sample's length with one shift and a lowest-set-bit. When no open row
+    fits, all remaining samples of that length fill new rows capacity // length at a time, which is
+    exactly what best fit would do one by one. Among equally full rows the oldest is filled first.
+    """
+    import numpy as np
+
     _check(lengths, capacity)
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    space = _FreeSpace(capacity)
+    if not lengths:
+        return []
+    array = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-array, kind="stable").tolist()  # longest first, ties in index order
+    buckets: list[list[int] | None] = [None] * (capacity + 1)  # free space -> heap of row ids
+    nonempty = 0  # bit f set when some open row has exactly f tokens free
     rows: list[list[int]] = []
-    for index in order:
-        found = space.take(lengths[index])
-        if found is None:
-            rows.append([index])
-            free, row = capacity - lengths[index], len(rows) - 1
-        else:
-            free, row = found
-            rows[row].append(index)
-            free -= lengths[index]
-        if free > 0:
-            space.add(free, row)
+    position = 0
+    total = len(order)
+    while position < total:
+        length = lengths[order[position]]
+        end = position
+        while end < total and lengths[order[end]] == length:
+            end += 1
+        while position < end:
+            candidates = nonempty >> length
+            if candidates:
+                free = length + (candidates & -candidates).bit_length() - 1
+                heap = buckets[free]
+                row = heapq.heappop(heap)
+                if not heap:
+                    nonempty &= ~(1 << free)
+                rows[row].append(order[position])
+                position += 1
+                left = free - length
+                if left:
+                    if not buckets[left]:
+                        buckets[left] = []
+                        nonempty |= 1 << left
+                    heapq.heappush(buckets[left], row)
+                continue
+            # No open row fits: the rest of this length fill new rows, capacity // length each.
+            per_row = capacity // length
+            while position < end:
+                take = order[position:min(end, position + per_row)]
+                rows.append(take)
+                position += len(take)
+                free = capacity - len(take) * length
+                if free:
+                    if not buckets[free]:
+                        buckets[free] = []
+                        nonempty |= 1 << free
+                    heapq.heappush(buckets[free], len(rows) - 1)
     return rows
 
 
