@@ -24,6 +24,28 @@ SHAPES = {
 }
 
 
+def write_config(args, model: str, name: str, data: str, packing: bool, attn: str) -> None:
+    """<out>/<name>.yaml: bf16, from scratch, logging every 5 steps, MFU against 790 TFLOP/s."""
+    with open(os.path.join(args.out, f"{name}.yaml"), "w", encoding="utf-8") as handle:
+        handle.write(f"""exp_name: gpu-check-{name}
+seed: 0
+output_dir: {args.out}/{name}
+logging_dir: {args.out}/{name}/logs
+save_steps: 100000
+logging_steps: 5
+eval_steps: 100000
+sequence_length: {args.sequence_length}
+pretrain: {model}
+peak_tflops: 790
+track_with: none
+sft_train:
+  use_sequence_packing: {str(packing).lower()}
+  model_args: {{dtype: bf16, from_scratch: true, attn_implementation: {attn}}}
+  training_args: {{max_steps: {args.steps}, learning_rate: 1.0e-4, per_device_train_batch_size: {args.batch}, warmup_steps: 2}}
+  data_args: {{file_name: {args.out}/{data}, template: chatml}}
+""")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -71,42 +93,9 @@ def main() -> None:
             while len(text) < size:
                 text += rng.choice(words) + " "
             handle.write(json.dumps({"instruction": f"Continue list {index}:", "input": "", "output": text[:size]}) + "\n")
-    for name, packing, batch in (("padded", "false", args.batch), ("packed", "true", args.batch)):
-        with open(os.path.join(args.out, f"run_{name}.yaml"), "w", encoding="utf-8") as handle:
-            handle.write(f"""exp_name: gpu-check-{name}
-seed: 0
-output_dir: {args.out}/{name}
-logging_dir: {args.out}/{name}/logs
-save_steps: 100000
-logging_steps: 5
-eval_steps: 100000
-sequence_length: {args.sequence_length}
-pretrain: {model}
-peak_tflops: 790
-track_with: none
-sft_train:
-  use_sequence_packing: {packing}
-  model_args: {{dtype: bf16, from_scratch: true, attn_implementation: sdpa}}
-  training_args: {{max_steps: {args.steps}, learning_rate: 1.0e-4, per_device_train_batch_size: {batch}, warmup_steps: 2}}
-  data_args: {{file_name: {args.out}/variable.jsonl, template: chatml}}
-""")
-    with open(os.path.join(args.out, "run.yaml"), "w", encoding="utf-8") as handle:
-        handle.write(f"""exp_name: gpu-check
-seed: 0
-output_dir: {args.out}/run
-logging_dir: {args.out}/run/logs
-save_steps: 100000
-logging_steps: 5
-eval_steps: 100000
-sequence_length: {args.sequence_length}
-pretrain: {model}
-peak_tflops: 790
-track_with: none
-sft_train:
-  model_args: {{dtype: bf16, from_scratch: true, attn_implementation: auto}}
-  training_args: {{max_steps: {args.steps}, learning_rate: 1.0e-4, per_device_train_batch_size: {args.batch}, warmup_steps: 2}}
-  data_args: {{file_name: {args.out}/train.jsonl, template: chatml}}
-""")
+    write_config(args, model, "run", "train.jsonl", packing=False, attn="auto")
+    write_config(args, model, "padded", "variable.jsonl", packing=False, attn="sdpa")
+    write_config(args, model, "packed", "variable.jsonl", packing=True, attn="sdpa")
     print(f"wrote {args.out}: {args.size} model config, {args.rows} rows of {args.sequence_length} tokens")
 
 

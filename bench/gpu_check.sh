@@ -36,7 +36,7 @@ PY
 python3 scripts/train.py --config_path "$WORK/run.yaml" 2>&1 | grep -v "it/s\]\|s/it\]" || true
 # Packed vs padded on variable-length samples (64 .. SEQ tokens), same model and steps.
 for mode in padded packed; do
-  python3 scripts/train.py --config_path "$WORK/run_$mode.yaml" 2>&1 | grep -E "^step|packed|summary" || true
+  python3 scripts/train.py --config_path "$WORK/$mode.yaml" 2>&1 | grep -E "^step|packed|summary" || true
 done
 report "fixed-${SEQ}" "$WORK/run/logs/metrics.jsonl"
 report "padded-variable" "$WORK/padded/logs/metrics.jsonl"

@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from sft.collate import pad_collate
+
 IGNORE_INDEX = -100
 
 
@@ -125,19 +127,16 @@ def packed_row(samples: list[dict]) -> dict[str, list[int]]:
 
 def packed_collate(rows: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Stack packed rows, right-padded with a padding 'sample' (positions from 0, labels -100); no attention mask."""
-    longest = max(len(row["input_ids"]) for row in rows)
-    if pad_to_multiple_of > 1:
-        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+    batch = pad_collate(rows, pad_id, pad_to_multiple_of)
+    mask = batch.pop("attention_mask")
+    longest = mask.shape[1]
     position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
     for index, row in enumerate(rows):
         length = len(row["input_ids"])
-        input_ids[index, :length] = torch.as_tensor(row["input_ids"])
-        labels[index, :length] = torch.as_tensor(row["labels"])
         position_ids[index, :length] = torch.as_tensor(row["position_ids"])
         position_ids[index, length:] = torch.arange(longest - length)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    batch["position_ids"] = position_ids
+    return batch
 
 
 def check_packing_backend(attn_implementation: str, use_cache: bool) -> None:
