@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from pathlib import Path
 
 from tests.conftest import ROOT
 from tests.test_train import kill_tree, setup  # noqa: F401  (the tiny model and data fixture)
@@ -121,3 +122,23 @@ def test_a_failing_node_fails_the_job_quickly_without_orphans(slurm, setup, tmp_
     assert state in ("FAILED", "CANCELLED", "NODE_FAIL") and time.time() - killed_at < 90, state
     time.sleep(1)
     assert subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split() == []
+
+
+def test_export_none_still_finds_path_and_python(slurm, setup, tmp_path):  # noqa: F811
+    """With --export=NONE the batch script starts without PATH or the submitter's variables."""
+    venv = next((v for v in (".venv", ".ci-venv") if os.path.exists(os.path.join(ROOT, v, "bin", "python"))), None)
+    if venv is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(".ci-venv is missing")
+        pytest.skip("no .venv or .ci-venv in the repository for the template to find")
+    root, config = setup
+    out = tmp_path / "none"
+    out.mkdir()
+    result = subprocess.run(["sbatch", "--parsable", "--nodes", "2", "--export", "NONE", "--output", str(out / "job-%j.out"),
+                             os.path.join(ROOT, "launch", "slurm", "sft_multi_node.sbatch"), config,
+                             "--output_dir", str(out), "--track_with", "none", "--logging_dir", str(out / "train-logs"),
+                             "--sft_train.training_args.max_steps", "2", "--save_steps", "2"],
+                            capture_output=True, text=True, env=slurm, cwd=ROOT, check=True)
+    job = result.stdout.strip().split(";")[0]
+    assert wait(slurm, job) == "COMPLETED", logs(out)[-5000:] + logs(Path(ROOT) / "logs")[-3000:]
+    assert (out / "sft_train" / "checkpoint-2" / "COMPLETE").exists()
