@@ -59,6 +59,17 @@ def wait(env, job, timeout=400):
     raise AssertionError(f"job {job} still {state} after {timeout}s")
 
 
+def start_long_run(env, config, out, steps, logged):
+    """Submit a multi-node run of ``steps`` steps without checkpoints and wait until ``logged`` steps are logged."""
+    job = submit(env, "sft_multi_node.sbatch", config, out, "--sft_train.training_args.max_steps", str(steps),
+                 "--save_steps", "100000", "--eval_steps", "100000")
+    metrics = out / "train-logs" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < logged):
+        time.sleep(0.1)
+    return job
+
+
 def logs(out):
     return "\n".join(p.read_text() for p in sorted(out.rglob("*.out")))
 
@@ -87,12 +98,7 @@ def test_single_node_template(slurm, setup, tmp_path):  # noqa: F811
 def test_preemption_checkpoints_requeues_and_resumes(slurm, setup, tmp_path):  # noqa: F811
     root, config = setup
     out = tmp_path / "preempt"
-    job = submit(slurm, "sft_multi_node.sbatch", config, out, "--sft_train.training_args.max_steps", "150",
-                 "--save_steps", "100000", "--eval_steps", "100000")
-    metrics = out / "train-logs" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.1)
+    job = start_long_run(slurm, config, out, steps=150, logged=3)
     subprocess.run(["scancel", "--batch", "--signal=TERM", job], check=True, env=slurm)
     assert wait(slurm, job, timeout=600) == "COMPLETED", logs(out)[-5000:]
     _, restarts = job_state(slurm, job)
@@ -104,12 +110,7 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, setup, tmp_path):  #
 def test_a_failing_node_fails_the_job_quickly_without_orphans(slurm, setup, tmp_path):  # noqa: F811
     root, config = setup
     out = tmp_path / "fail"
-    job = submit(slurm, "sft_multi_node.sbatch", config, out, "--sft_train.training_args.max_steps", "100000",
-                 "--save_steps", "100000", "--eval_steps", "100000")
-    metrics = out / "train-logs" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
-        time.sleep(0.1)
+    job = start_long_run(slurm, config, out, steps=100000, logged=2)
     victims = subprocess.run(["pgrep", "-f", f"machine_rank 1 .*{out}"], capture_output=True, text=True).stdout.split()
     if not victims:  # the rank's own command line, through bash -c
         victims = [p for p in subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
