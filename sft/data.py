@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
+from sft.config import SFTConfig
+
 # ShareGPT speaker names -> chat roles. function_call is the assistant calling a tool; observation is the
 # tool's answer (LLaMA-Factory's glaive format).
 SHAREGPT_ROLES = {
@@ -48,13 +50,13 @@ class BadSample(ValueError):
 
 @dataclass(frozen=True)
 class FieldMapping:
-    """Which row keys hold what (the seed's *_key config fields)."""
+    """Which row keys hold what (the seed's *_key config fields; defaults are SFTConfig's)."""
 
-    prompt_key: str = "instruction"
-    query_key: Optional[str] = "input"
-    response_key: str = "output"
-    system_key: Optional[str] = None
-    messages_key: Optional[str] = None
+    prompt_key: str = SFTConfig.prompt_key
+    query_key: Optional[str] = SFTConfig.query_key
+    response_key: str = SFTConfig.response_key
+    system_key: Optional[str] = SFTConfig.system_key
+    messages_key: Optional[str] = SFTConfig.messages_key
 
     @classmethod
     def from_config(cls, config) -> "FieldMapping":

@@ -19,6 +19,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from sft.config import DataArgs
 from sft.data import BadSample, FieldMapping, conversation_from_row, location
 from sft.templates import ChatTemplate, TemplateRefused
 
@@ -38,9 +39,9 @@ class EncodeSettings:
 
     mapping: FieldMapping
     sequence_length: int
-    overlong: str = "truncate"  # truncate | drop | error
-    on_bad_sample: str = "error"  # error | skip
-    loss_on_turns: str = "all"  # all | last
+    overlong: str = DataArgs.overlong  # truncate | drop | error (defaults are the config's)
+    on_bad_sample: str = DataArgs.on_bad_sample  # error | skip
+    loss_on_turns: str = DataArgs.loss_on_turns  # all | last
 
 
 def supervised_labels(encoding, spans: list[tuple[int, int]]) -> list[int] | None:
