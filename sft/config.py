@@ -65,7 +65,8 @@ class DataArgs:
     loss_on_turns: str = "all"
     """Which assistant turns of a multi-turn row are trained on: all, or last (earlier ones become context)."""
     packing_strategy: str = "bfd"
-    """With use_sequence_packing: bfd (best-fit decreasing, fewest rows) or greedy (keeps the sample order)."""
+    """With use_sequence_packing: bfd (fewest rows: best-fit decreasing, then its loose rows re-packed) or greedy
+    (keeps the sample order)."""
     pad_to_multiple_of: int = 1
     """Pad every (packed) row to a multiple of this many tokens (tensor/context parallel alignment)."""
     encoded_path: Optional[str] = None
