@@ -4,7 +4,8 @@
         COMPLETE                                         marker, written before the rename
         trainer_state.json                               step, epoch, position, metrics
         <cluster_name>/                                  HF model: safetensors, config, tokenizer, chat template
-        training_state/                                  optimizer, RNG states per rank (accelerate save_state)
+        training_state/                                  optimizer, RNG states per rank (accelerate save_state);
+                                                         weights only under DeepSpeed (else resumed from the HF model)
 
 A checkpoint is written under ``.tmp-checkpoint-<step>`` and renamed, so a folder named
 ``checkpoint-<step>`` with ``COMPLETE`` is whole; anything else is ignored by resume and cleaned up.

@@ -155,6 +155,10 @@ class SFTWorker:
         else:
             self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         plugin = self.accelerator.state.deepspeed_plugin
+        if not self.fsdp2 and plugin is None:
+            # The checkpoint's HF export holds the weights; Accelerate's own copy would double its size.
+            self.accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
+            self.accelerator.register_load_state_pre_hook(self._load_exported_weights)
         # With sharded parameters every rank must take part in every forward pass.
         self.params_sharded = self.fsdp2 or (plugin is not None and plugin.zero_stage == 3)
         return {"parameters": self.parameter_count, "attention": attn, "init_seconds": time.perf_counter() - start}
@@ -338,6 +342,25 @@ class SFTWorker:
         self.step = state["step"]
         return state
 
+    def _load_exported_weights(self, models: list, training_state: str) -> None:
+        """Accelerate's load-state hook: the weights come from the checkpoint's HF export, bit for bit."""
+        if any(name.startswith("model") and name.endswith((".safetensors", ".bin")) for name in os.listdir(training_state)):
+            return  # a checkpoint that also kept Accelerate's copy: Accelerate loads it
+        from safetensors.torch import load_file
+
+        folder = ckpt.model_dir(os.path.dirname(training_state.rstrip(os.sep)), self.config.cluster_name)
+        index = os.path.join(folder, "model.safetensors.index.json")
+        files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
+        weights = {}
+        for name in files:
+            weights.update(load_file(os.path.join(folder, name)))
+        model = models.pop()
+        self.accelerator.unwrap_model(model).load_state_dict(weights, strict=False)
+        loaded = set(weights)
+        for parameter, names in _parameter_names(self.accelerator.unwrap_model(model)).items():
+            if not loaded.intersection(names):  # tied parameters are saved once, under one of their names
+                raise RuntimeError(f"checkpoint {folder} has no weights for {' / '.join(names)}")
+
     def _full_state_dict(self) -> dict:
         if not self.fsdp2:
             return self.accelerator.get_state_dict(self.model)
@@ -385,6 +408,14 @@ class SFTWorker:
             if token and token in self.tokenizer.get_vocab():
                 stops.add(self.tokenizer.convert_tokens_to_ids(token))
         return [i for i in stops if i is not None]
+
+
+def _parameter_names(model) -> dict:
+    """Each parameter (tied ones once) -> all the names it goes by."""
+    names: dict = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(parameter, []).append(name)
+    return names
 
 
 def peak_memory_bytes() -> int:
