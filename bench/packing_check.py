@@ -23,7 +23,7 @@ def main() -> None:
 
     from sft.collate import pad_collate
     from sft.modeling import loss_sum
-    from sft.packing import pack_best_fit_decreasing, packed_collate, packed_row
+    from sft.packing import pack_bins, packed_collate, packed_row
 
     on_gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser()
@@ -52,7 +52,7 @@ def main() -> None:
         return float(summed.detach()), count, float(norm)
 
     unpacked = run(pad_collate(samples, pad_id=0))
-    rows = pack_best_fit_decreasing([len(s["input_ids"]) for s in samples], 2048)
+    rows = pack_bins([len(s["input_ids"]) for s in samples], 2048)
     packed = run(packed_collate([packed_row([samples[i] for i in row]) for row in rows], pad_id=0))
     assert packed[1] == unpacked[1]
     print(f"packing_check: device {device} | attention {args.attn} | dtype {args.dtype} | {len(samples)} samples in "

@@ -16,11 +16,9 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sft.config import ConfigError, SFTConfig, load_config  # noqa: E402
-from sft.data import DataError  # noqa: E402
+from sft.cli import run_script  # noqa: E402
+from sft.config import SFTConfig  # noqa: E402
 from sft.dataset import build_encoded, format_report  # noqa: E402
-from sft.encoding import EncodeError  # noqa: E402
-from sft.templates import TemplateError  # noqa: E402
 
 
 @dataclass
@@ -38,9 +36,4 @@ def main(config: SFTConfig, options: EncodeOptions) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        config, options = load_config(extra=EncodeOptions)
-        main(config, options)
-    except (ConfigError, DataError, EncodeError, TemplateError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main, EncodeOptions)

@@ -19,10 +19,9 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sft.config import ConfigError, SFTConfig, load_config  # noqa: E402
-from sft.data import DataError  # noqa: E402
+from sft.cli import run_script  # noqa: E402
+from sft.config import SFTConfig  # noqa: E402
 from sft.dataset import build_encoded  # noqa: E402
-from sft.encoding import EncodeError  # noqa: E402
 from sft.packing import build_packed, format_packing_report  # noqa: E402
 
 
@@ -56,9 +55,4 @@ def main(config: SFTConfig, options: PackOptions) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        config, options = load_config(extra=PackOptions)
-        main(config, options)
-    except (ConfigError, DataError, EncodeError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main, PackOptions)

@@ -25,7 +25,8 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from sft import checkpoint as ckpt  # noqa: E402
-from sft.config import SFTConfig, load_config  # noqa: E402
+from sft.cli import run_script  # noqa: E402
+from sft.config import SFTConfig  # noqa: E402
 from sft.dataset import build_encoded, load_tokenizer  # noqa: E402
 from sft.sampler import epoch_order, eval_shard, step_micro_batches, steps_per_epoch  # noqa: E402
 from sft.templates import get_template  # noqa: E402
@@ -257,4 +258,4 @@ def main(config: SFTConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(load_config())
+    run_script(main)

@@ -32,6 +32,10 @@ from sft.collate import pad_collate
 IGNORE_INDEX = -100
 
 
+class PackingError(ValueError):
+    """Samples or a model setup that cannot be packed (a sample longer than a row, a backend that mixes samples)."""
+
+
 def pack_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Rows of sample indices, each row's total length <= capacity, by best-fit decreasing.
 
@@ -200,9 +204,9 @@ def pack_greedy(lengths: list[int], capacity: int) -> list[list[int]]:
 def _check(lengths: list[int], capacity: int) -> None:
     longest = max(lengths, default=0)
     if longest > capacity:
-        raise ValueError(f"a sample of {longest} tokens does not fit a row of {capacity}; encode with this sequence_length")
+        raise PackingError(f"a sample of {longest} tokens does not fit a row of {capacity}; encode with this sequence_length")
     if min(lengths, default=1) < 1:
-        raise ValueError("packing needs samples of at least one token")
+        raise PackingError("packing needs samples of at least one token")
 
 
 def packing_report(lengths: list[int], rows: list[list[int]], capacity: int) -> dict:
@@ -242,14 +246,14 @@ def packed_collate(rows: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -
 def check_packing_backend(attn_implementation: str, use_cache: bool) -> None:
     """Refuse a model setup in which packed samples would attend to each other."""
     if use_cache:
-        raise ValueError("packing needs model.config.use_cache = False: with the cache on, transformers ignores "
-                         "position_ids restarts and samples attend to each other")
+        raise PackingError("packing needs model.config.use_cache = False: with the cache on, transformers ignores "
+                           "position_ids restarts and samples attend to each other")
     if attn_implementation not in ("flash_attention_2", "sdpa", "eager"):
-        raise ValueError(f"packing is not supported with attention {attn_implementation!r}; use sdpa, eager or "
-                         "flash_attention_2 (flex_attention has no CPU backward and needs a block mask)")
+        raise PackingError(f"packing is not supported with attention {attn_implementation!r}; use sdpa, eager or "
+                           "flash_attention_2 (flex_attention has no CPU backward and needs a block mask)")
 
 
-def pack_dataset(lengths: list[int], capacity: int, strategy: str = "bfd") -> tuple[list[list[int]], dict]:
+def pack_dataset(lengths: list[int], capacity: int, strategy: str) -> tuple[list[list[int]], dict]:
     """Rows of sample indices for a dataset's sample lengths, and the packing report."""
     rows = pack_bins(lengths, capacity) if strategy == "bfd" else pack_greedy(lengths, capacity)
     placed = sorted(index for row in rows for index in row)
@@ -266,7 +270,7 @@ def format_packing_report(report: dict) -> str:
             f"lower bound {report['lower_bound']:,}{tighter}; fill ratio {report['fill_ratio']:.1%}")
 
 
-def build_packed(dataset, capacity: int, strategy: str = "bfd"):
+def build_packed(dataset, capacity: int, strategy: str):
     """An encoded datasets.Dataset (input_ids, labels) -> a packed one (input_ids, labels, position_ids,
     num_samples, length) and the packing report."""
     import datasets

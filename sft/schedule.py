@@ -14,11 +14,11 @@ def warmup_steps_for(total_steps: int, warmup_steps: int, warmup_ratio: float) -
     return min(total_steps, math.ceil(warmup_ratio * total_steps))
 
 
-def lr_at(step: int, total_steps: int, peak_lr: float, warmup: int, kind: str = "cosine", min_lr_ratio: float = 0.0) -> float:
+def lr_at(step: int, total_steps: int, peak_lr: float, warmup: int, kind: str, min_lr_ratio: float) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup to peak, then linear/cosine decay or constant.
 
-    >>> lr_at(0, 10, 1.0, 2), lr_at(1, 10, 1.0, 2), lr_at(2, 10, 1.0, 2)
-    (0.5, 1.0, 1.0)
+    >>> [lr_at(step, 10, 1.0, 2, "cosine", 0.0) for step in (0, 1, 2)]
+    [0.5, 1.0, 1.0]
     """
     if kind not in SCHEDULES:
         raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")

@@ -106,3 +106,14 @@ def test_real_tokenizer_and_workers(tmp_path):
     result = run_encode("--config_path", str(config), "--out", str(tmp_path / "enc"))
     assert "[train] rows read 999 | kept 999 | truncated" in result.stdout
     assert "length p50" in result.stdout and "supervised" in result.stdout
+
+
+def test_pack_refuses_samples_longer_than_its_rows_in_one_line(setup):
+    tmp_path, config = setup
+    run_encode("--config_path", config, "--out", str(tmp_path / "enc"))  # sequence_length 160
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "pack.py"), "--config_path", config,
+                             "--sft_train.data_args.encoded_path", str(tmp_path / "enc"), "--sequence_length", "64",
+                             "--out", str(tmp_path / "packed")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: a sample of" in result.stderr and "does not fit a row of 64" in result.stderr
+    assert not (tmp_path / "packed").exists()

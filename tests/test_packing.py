@@ -102,11 +102,11 @@ def test_repacking_reaches_the_lower_bound_where_best_fit_leaves_gaps(seed):
     lengths = [rng.choice(range(40, 700, 7)) if rng.random() < 0.1 else rng.choice(range(40, 200, 3))
                for _ in range(5000)]
     bfd = pack_best_fit_decreasing(lengths, 1024)
-    rows, report = pack_dataset(lengths, 1024)
+    rows, report = pack_dataset(lengths, 1024, "bfd")
     check_bins(rows, lengths, 1024)
     assert len(rows) <= len(bfd) and report["rows"] == len(rows)
     assert len(rows) <= report["lower_bound"] * 1.001 + 1
-    assert pack_dataset(lengths, 1024)[0] == rows  # deterministic
+    assert pack_dataset(lengths, 1024, "bfd")[0] == rows  # deterministic
 
 
 def test_min_slack_fills_rows_exactly_when_it_can():

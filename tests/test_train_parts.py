@@ -13,11 +13,12 @@ from sft.schedule import lr_at, warmup_steps_for
 
 
 def test_schedule_warmup_then_decay():
-    lrs = [lr_at(s, 10, 1.0, 2, "cosine") for s in range(10)]
+    lrs = [lr_at(s, 10, 1.0, 2, "cosine", 0.0) for s in range(10)]
     assert lrs[:2] == [0.5, 1.0] and lrs[2] == 1.0
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.05
-    assert [lr_at(s, 4, 1.0, 0, "linear") for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
-    assert lr_at(7, 10, 2.0, 0, "constant") == 2.0
+    assert [lr_at(s, 4, 1.0, 0, "linear", 0.0) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert lr_at(7, 10, 2.0, 0, "constant", 0.0) == 2.0
+    assert lr_at(9, 10, 1.0, 0, "linear", 0.1) == pytest.approx(0.1 + 0.9 * 0.1)  # decays to the floor, not 0
     assert warmup_steps_for(100, 0, 0.1) == 10 and warmup_steps_for(100, 5, 0.1) == 5
 
 
