@@ -2,7 +2,9 @@
 # GPU check: a Qwen2.5-0.5B-shaped model (random init) in bf16 with SDPA (flash-attention when installed),
 # sequence_length 4096, 20 steps of scripts/train.py; prints tokens/s, MFU (against 790 TFLOP/s bf16) and
 # peak memory. Then packed vs padded training on variable-length samples, and the packed-vs-unpacked
-# loss check in bf16 (bench/packing_check.py). Without a GPU it runs all of it at tiny size on the CPU.
+# loss check in bf16 (bench/packing_check.py), and resume: a run stopped by SIGTERM after its step-6
+# checkpoint and resumed vs the same run straight through (losses per step, final weights). Without a
+# GPU it runs all of it at tiny size on the CPU.
 #
 #   bash bench/gpu_check.sh            # SIZE=tiny SEQ=256 STEPS=4 BATCH=2 for a quick CPU run
 set -euo pipefail
@@ -33,6 +35,7 @@ print(f"gpu_check {sys.argv[1]}: steps {last['step']} | tokens/s {last['perf/tok
       f"peak memory {last['memory/peak_gib']:.1f} GiB | step {1000 * last['time/step']:.0f} ms")
 PY
 }
+if [ "${ONLY:-}" != resume ]; then  # ONLY=resume runs the resume check alone
 python3 scripts/train.py --config_path "$WORK/run.yaml" 2>&1 | grep -v "it/s\]\|s/it\]" || true
 # Packed vs padded on variable-length samples (64 .. SEQ tokens), same model and steps.
 for mode in padded packed; do
@@ -42,3 +45,46 @@ report "fixed-${SEQ}" "$WORK/run/logs/metrics.jsonl"
 report "padded-variable" "$WORK/padded/logs/metrics.jsonl"
 report "packed-variable" "$WORK/packed/logs/metrics.jsonl"
 python3 bench/packing_check.py
+fi
+# Resume on this device: 12 steps straight (twice: the device's own run-to-run noise) vs stopped by
+# SIGTERM once checkpoint-6 is complete, then resumed.
+resume_args=(--logging_steps 1 --save_steps 6 --sft_train.training_args.max_steps 12)
+for name in straight again; do
+  python3 scripts/train.py --config_path "$WORK/run.yaml" --output_dir "$WORK/$name" --logging_dir "$WORK/$name/logs" \
+    "${resume_args[@]}" >"$WORK/$name.log" 2>&1
+done
+python3 scripts/train.py --config_path "$WORK/run.yaml" --output_dir "$WORK/stopped" --logging_dir "$WORK/stopped/logs" \
+  "${resume_args[@]}" >"$WORK/stopped.log" 2>&1 &
+pid=$!
+until [ -e "$WORK/stopped/sft_train/checkpoint-6/COMPLETE" ] || ! kill -0 $pid 2>/dev/null; do sleep 0.05; done
+kill -TERM $pid 2>/dev/null || true
+wait $pid || true
+python3 scripts/train.py --config_path "$WORK/run.yaml" --output_dir "$WORK/stopped" --logging_dir "$WORK/stopped/logs" \
+  "${resume_args[@]}" --resume_from_checkpoint true 2>&1 | grep -E "resumed from" || true
+python3 - "$WORK" <<'PY'
+import json, os, sys
+import torch
+from safetensors.torch import load_file
+work = sys.argv[1]
+def losses(name):
+    rows = [json.loads(line) for line in open(os.path.join(work, name, "logs", "metrics.jsonl"))]
+    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+def weights(name):
+    folder = os.path.join(work, name, "sft_train", "checkpoint-12")
+    model = next(os.path.join(folder, d) for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and d != "training_state")
+    return {k: v.double() for k, v in load_file(os.path.join(model, "model.safetensors")).items()}
+base_losses, base = losses("straight"), weights("straight")
+total = sum(float(v.norm()) ** 2 for v in base.values()) ** 0.5
+for name in ("again", "stopped"):
+    other_losses, other = losses(name), weights(name)
+    loss_diff = max(abs(base_losses[s] - other_losses[s]) / abs(base_losses[s]) for s in base_losses)
+    if all(torch.equal(base[k], other[k]) for k in base):
+        weights_text = "bitwise equal"
+    else:
+        overall = sum(float((base[k] - other[k]).norm()) ** 2 for k in base) ** 0.5 / total
+        worst = max(base, key=lambda k: float((base[k] - other[k]).norm() / base[k].norm().clamp_min(1e-30)))
+        worst_diff = float((base[worst] - other[worst]).norm() / base[worst].norm().clamp_min(1e-30))
+        weights_text = f"rel diff {overall:.2e} overall, largest {worst_diff:.2e} ({worst}, norm {float(base[worst].norm()):.2e})"
+    label = "straight run again" if name == "again" else "stopped + resumed"
+    print(f"resume_check {label} vs straight: max loss rel diff {loss_diff:.2e} | final weights {weights_text}")
+PY
