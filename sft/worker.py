@@ -24,7 +24,7 @@ import torch
 from sft import checkpoint as ckpt
 from sft.collate import pad_collate
 from sft.packing import packed_collate
-from sft.config import SFTConfig
+from sft.config import ConfigError, SFTConfig
 from sft.modeling import attention_implementation, load_model, loss_sum
 from sft.schedule import lr_at
 
@@ -348,7 +348,13 @@ class SFTWorker:
             return  # a checkpoint that also kept Accelerate's copy: Accelerate loads it
         from safetensors.torch import load_file
 
-        folder = ckpt.model_dir(os.path.dirname(training_state.rstrip(os.sep)), self.config.cluster_name)
+        checkpoint = os.path.dirname(training_state.rstrip(os.sep))
+        folder = ckpt.model_dir(checkpoint, self.config.cluster_name)
+        if not os.path.isdir(folder):
+            found = [name for name in os.listdir(checkpoint) if os.path.isdir(os.path.join(checkpoint, name))
+                     and name != "training_state"]
+            raise ConfigError(f"cluster_name: checkpoint {checkpoint} keeps its model in {found} but this run's "
+                              f"cluster_name is {self.config.cluster_name!r}; resume with the run's own cluster_name")
         index = os.path.join(folder, "model.safetensors.index.json")
         files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
         weights = {}

@@ -109,6 +109,16 @@ def test_repacking_reaches_the_lower_bound_where_best_fit_leaves_gaps(seed):
     assert pack_dataset(lengths, 1024, "bfd")[0] == rows  # deterministic
 
 
+def test_repacking_is_skipped_when_it_would_touch_too_many_rows(monkeypatch):
+    import sft.packing
+
+    rng = random.Random(0)
+    lengths = [rng.choice(range(40, 200, 3)) for _ in range(2000)]
+    assert len(pack_bins(lengths, 1024)) < len(pack_best_fit_decreasing(lengths, 1024))
+    monkeypatch.setattr(sft.packing, "REPACK_MAX_ROWS", 0)
+    assert pack_bins(lengths, 1024) == pack_best_fit_decreasing(lengths, 1024)
+
+
 def test_min_slack_fills_rows_exactly_when_it_can():
     lengths = [5, 3, 2, 4, 6, 1, 9]
     rows = pack_min_slack(lengths, list(range(7)), 10)

@@ -376,3 +376,12 @@ def test_packing_changes_nothing_but_speed(setup, tmp_path):
         for name in reference:
             assert torch.allclose(reference[name], candidate[name], rtol=1e-5, atol=1e-6), (other, name)
         assert losses(tmp_path / other)[1] == pytest.approx(losses(tmp_path / "unpacked")[1], rel=1e-5)
+
+
+def test_resume_under_another_cluster_name_names_the_field(setup, tmp_path):
+    out = tmp_path / "renamed"
+    train(setup, out, "--sft_train.training_args.max_steps", "2", "--save_steps", "2", "--eval_steps", "100")
+    result = train(setup, out, "--sft_train.training_args.max_steps", "4", "--save_steps", "2", "--eval_steps", "100",
+                   "--resume_from_checkpoint", "true", "--cluster_name", "other", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: cluster_name: checkpoint" in result.stderr and "this run's cluster_name is 'other'" in result.stderr
