@@ -49,6 +49,7 @@ fi
 # Resume on this device: 12 steps straight (twice: the device's own run-to-run noise) vs stopped by
 # SIGTERM once checkpoint-6 is complete, then resumed.
 resume_args=(--logging_steps 1 --save_steps 6 --sft_train.training_args.max_steps 12)
+rm -rf "$WORK/straight" "$WORK/again" "$WORK/stopped"  # a reused WORK must not hand back old checkpoints
 for name in straight again; do
   python3 scripts/train.py --config_path "$WORK/run.yaml" --output_dir "$WORK/$name" --logging_dir "$WORK/$name/logs" \
     "${resume_args[@]}" >"$WORK/$name.log" 2>&1
@@ -60,7 +61,13 @@ until [ -e "$WORK/stopped/sft_train/checkpoint-6/COMPLETE" ] || ! kill -0 $pid 2
 kill -TERM $pid 2>/dev/null || true
 wait $pid || true
 python3 scripts/train.py --config_path "$WORK/run.yaml" --output_dir "$WORK/stopped" --logging_dir "$WORK/stopped/logs" \
-  "${resume_args[@]}" --resume_from_checkpoint true 2>&1 | grep -E "resumed from" || true
+  "${resume_args[@]}" --resume_from_checkpoint true >"$WORK/resumed.log" 2>&1 || { tail -20 "$WORK/resumed.log"; exit 1; }
+resumed_at=$(grep -o "resumed from .*checkpoint-[0-9]*" "$WORK/resumed.log" | grep -o "[0-9]*$" || true)
+if [ -z "$resumed_at" ] || [ "$resumed_at" -ge 12 ]; then
+  echo "resume_check: FAILED, the stopped run did not stop before step 12 or did not resume: ${resumed_at:-no resume}"
+  exit 1
+fi
+echo "resumed from checkpoint-$resumed_at"
 python3 - "$WORK" <<'PY'
 import json, os, sys
 import torch

@@ -19,6 +19,8 @@ import re
 import shutil
 from typing import Optional
 
+from sft.config import ConfigError
+
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -78,9 +80,9 @@ def resolve_resume(value: str, output_dir: str) -> Optional[str]:
     if not is_complete(path) and is_complete(os.path.dirname(path)):
         path = os.path.dirname(path)  # the <cluster_name> model folder was given
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"resume_from_checkpoint: {value} does not exist")
+        raise ConfigError(f"resume_from_checkpoint: {value} does not exist")
     if not is_complete(path):
-        raise FileNotFoundError(f"resume_from_checkpoint: {value} is not a complete checkpoint (no {COMPLETE} marker)")
+        raise ConfigError(f"resume_from_checkpoint: {value} is not a complete checkpoint (no {COMPLETE} marker)")
     return path
 
 

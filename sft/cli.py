@@ -13,7 +13,7 @@ from sft.encoding import EncodeError
 from sft.packing import PackingError
 from sft.templates import TemplateError
 
-USER_ERRORS = (ConfigError, DataError, EncodeError, TemplateError, PackingError, FileExistsError)
+USER_ERRORS = (ConfigError, DataError, EncodeError, TemplateError, PackingError)
 
 
 def run_script(main: Callable, options: Optional[type] = None) -> None:

@@ -472,6 +472,17 @@ def load_config(config_path: Optional[str] = None, args: Optional[list[str]] = N
         description="Supervised fine-tuning run config (YAML via --config_path, overridden by dotted flags).",
     )
     parser.add_arguments(SFTConfig, dest="config")
+    import yaml
+
+    path = _config_file(argv)
+    if path is not None:  # simple-parsing would end in a bare FileNotFoundError or a YAML parser traceback
+        if not os.path.isfile(path):
+            raise ConfigError(f"config_path: file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                yaml.safe_load(handle)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config_path: {path} is not valid YAML: {error}") from None
     try:
         namespace = parser.parse_args(argv)
     except RuntimeError as error:  # simple-parsing reports unknown YAML keys this way
@@ -480,7 +491,7 @@ def load_config(config_path: Optional[str] = None, args: Optional[list[str]] = N
             section = match[3].removeprefix("config").lstrip(".")
             where = f"section '{section}'" if section else "the top level"
             raise ConfigError(
-                f"unknown config key(s) {match[1]} at {where} of {_config_file(argv)} ({match[2]} has no such field)"
+                f"unknown config key(s) {match[1]} at {where} of {path} ({match[2]} has no such field)"
             ) from None
         raise ConfigError(str(error)) from None
     config = namespace.config
@@ -491,10 +502,10 @@ def load_config(config_path: Optional[str] = None, args: Optional[list[str]] = N
     return config
 
 
-def _config_file(argv: list[str]) -> str:
+def _config_file(argv: list[str]) -> Optional[str]:
     for i, arg in enumerate(argv):
         if arg == "--config_path" and i + 1 < len(argv):
             return argv[i + 1]
         if arg.startswith("--config_path="):
             return arg.split("=", 1)[1]
-    return "the config"
+    return None

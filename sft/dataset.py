@@ -20,7 +20,7 @@ import os
 import shutil
 from typing import Optional
 
-from sft.config import SFTConfig
+from sft.config import ConfigError, SFTConfig
 from sft.data import DataError, FieldMapping, file_fingerprint
 from sft.encoding import EncodeSettings, encode_split
 from sft.templates import get_template
@@ -36,7 +36,7 @@ def load_tokenizer(pretrain: str):
 
     tokenizer = AutoTokenizer.from_pretrained(pretrain)
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"pretrain: {pretrain} has no fast (Rust) tokenizer; encoding needs tokenizer.json")
+        raise ConfigError(f"pretrain: {pretrain} has no fast (Rust) tokenizer; encoding needs tokenizer.json")
     return tokenizer
 
 
@@ -104,7 +104,7 @@ def build_encoded(config: SFTConfig, out_dir: Optional[str] = None, tokenizer=No
         log(f"Reusing encoded data in {out_dir} (inputs unchanged, cache key {key[:16]})")
         return out_dir, meta, True
     if os.path.exists(out_dir) and os.listdir(out_dir) and meta is None:
-        raise FileExistsError(f"{out_dir} exists and is not an encoded dataset; choose another --out")
+        raise ConfigError(f"out: {out_dir} exists and is not an encoded dataset; choose another --out")
 
     template = get_template(config.template_name(), tokenizer)
     settings = encode_settings(config)

@@ -94,10 +94,12 @@ def pack_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int
 
 
 # Re-packing after best-fit decreasing: rows with at least this many free tokens are re-packed, one
-# threshold after another until a packing reaches the lower bound; an attempt that would re-pack more
-# rows than REPACK_MAX_ROWS is skipped, which bounds the extra time (~1 s) on adversarial inputs.
+# threshold after another until a packing reaches the lower bound. An attempt is skipped when it would
+# re-pack more than REPACK_MAX_ROWS rows or more than REPACK_MAX_WORK rows x capacity (the subset sums
+# cost about that), which bounds the extra time to seconds on adversarial inputs and very long rows.
 REPACK_SLACK = (1, 16, 64)
 REPACK_MAX_ROWS = 100_000
+REPACK_MAX_WORK = 200_000_000
 
 
 def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -110,9 +112,10 @@ def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     free = [capacity - sum(lengths[i] for i in row) for row in rows]
     best = rows
     for slack in REPACK_SLACK:
-        loose = [index for row, space in zip(rows, free) if space >= slack for index in row]
-        if sum(1 for space in free if space >= slack) > REPACK_MAX_ROWS:
+        loose_rows = sum(1 for space in free if space >= slack)
+        if loose_rows > REPACK_MAX_ROWS or loose_rows * capacity > REPACK_MAX_WORK:
             continue
+        loose = [index for row, space in zip(rows, free) if space >= slack for index in row]
         candidate = [row for row, space in zip(rows, free) if space < slack] + pack_min_slack(lengths, loose, capacity)
         if len(candidate) < len(best):
             best = candidate
@@ -150,15 +153,14 @@ def pack_min_slack(lengths: list[int], indices: list[int], capacity: int) -> lis
                 chunk *= 2
             if reach >> room & 1:
                 break
-        total, emptied = reach.bit_length() - 1, False
+        total = reach.bit_length() - 1
         for length, take, before in reversed(stages):  # walk back: a chunk is used when its total was new
             if not (before >> total) & 1:
                 total -= take * length
                 bucket = by_length[length]
                 row += [bucket.pop() for _ in range(take)]
-                emptied = emptied or not bucket
-        if emptied:
-            distinct = [length for length in distinct if by_length[length]]
+                if not bucket:
+                    del distinct[bisect.bisect_left(distinct, length)]
         rows.append(row)
     return rows
 
@@ -170,6 +172,7 @@ def lower_bound(lengths: list[int], capacity: int) -> int:
     [a, capacity / 2] need rows for whatever does not fit the space those leave."""
     import numpy as np
 
+    _check(lengths, capacity)
     if not lengths:
         return 0
     array = np.asarray(lengths, dtype=np.int64)

@@ -101,3 +101,12 @@ def test_device_mapping_forms():
     assert parse_device_mapping("list(range(0, 8, 2))") == [0, 2, 4, 6]
     assert parse_device_mapping("[0, 1]") == [0, 1]
     assert parse_device_mapping(None) is None
+
+
+def test_a_missing_or_broken_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="config_path: file not found: .*nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"), [])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("seed: 1\nsft_train: {data_args: [oops\n")
+    with pytest.raises(ConfigError, match="config_path: .*broken.yaml is not valid YAML"):
+        load_config(str(broken), [])

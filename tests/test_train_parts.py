@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sft import checkpoint as ckpt
+from sft.config import ConfigError
 from sft.collate import pad_collate, supervised_count
 from sft.sampler import epoch_order, eval_shard, step_micro_batches, steps_per_epoch
 from sft.schedule import lr_at, warmup_steps_for
@@ -64,7 +65,7 @@ def test_checkpoint_is_complete_or_absent(tmp_path):
     assert ckpt.resolve_resume("true", out) == ckpt.checkpoint_dir(out, 6)
     assert ckpt.resolve_resume("false", out) is None
     assert ckpt.resolve_resume(ckpt.model_dir(ckpt.checkpoint_dir(out, 4), "sft_train"), out) == ckpt.checkpoint_dir(out, 4)
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
         ckpt.resolve_resume(ckpt.checkpoint_dir(out, 9), out)
     ckpt.rotate(out, keep=2)
     assert [s for s, _ in ckpt.complete_checkpoints(out)] == [4, 6]
