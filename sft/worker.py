@@ -99,8 +99,13 @@ def build_accelerator(config: SFTConfig):
     log_dir = config.tracker_kwargs.get("log_dir", os.path.join(config.logging_dir, "tensorboard"))
     if strategy == "fsdp2_train":
         mixed = "no"  # FSDP2 casts through its own MixedPrecisionPolicy (see SFTWorker._shard)
+    if plugin is not None and not on_gpu:
+        # Accelerate drops DeepSpeed without a word when told the run is on CPU (cpu=True, or the
+        # ACCELERATE_USE_CPU that `accelerate launch --cpu` and CPU test launches set): leave both out, and
+        # DeepSpeed runs on the CPU over gloo (FACTS.md).
+        os.environ.pop("ACCELERATE_USE_CPU", None)
     return Accelerator(
-        cpu=not on_gpu,
+        cpu=not on_gpu and plugin is None,
         mixed_precision=None if plugin is not None else mixed,
         gradient_accumulation_steps=config.sft_train.training_args.gradient_accumulation_steps,
         deepspeed_plugin=plugin,
@@ -155,6 +160,9 @@ class SFTWorker:
         else:
             self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         plugin = self.accelerator.state.deepspeed_plugin
+        if (plugin is not None) != (config.sft_train.strategy_args.strategy_name == "deepspeed_train"):
+            raise RuntimeError(f"strategy {config.sft_train.strategy_args.strategy_name} but Accelerate runs "
+                               f"{self.accelerator.distributed_type}: the run would not be what the config says")
         if not self.fsdp2 and plugin is None:
             # The checkpoint's HF export holds the weights; Accelerate's own copy would double its size.
             self.accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
@@ -356,14 +364,18 @@ class SFTWorker:
             raise ConfigError(f"cluster_name: checkpoint {checkpoint} keeps its model in {found} but this run's "
                               f"cluster_name is {self.config.cluster_name!r}; resume with the run's own cluster_name")
         index = os.path.join(folder, "model.safetensors.index.json")
-        files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
-        weights = {}
-        for name in files:
-            weights.update(load_file(os.path.join(folder, name)))
-        model = models.pop()
-        self.accelerator.unwrap_model(model).load_state_dict(weights, strict=False)
-        loaded = set(weights)
-        for parameter, names in _parameter_names(self.accelerator.unwrap_model(model)).items():
+        files = ["model.safetensors"]
+        if os.path.exists(index):
+            with open(index, encoding="utf-8") as handle:
+                files = sorted(set(json.load(handle)["weight_map"].values()))
+        model = self.accelerator.unwrap_model(models.pop())
+        loaded: set = set()
+        for name in files:  # shard by shard, straight onto the device: one shard in memory at a time
+            weights = load_file(os.path.join(folder, name), device=str(self.accelerator.device))
+            model.load_state_dict(weights, strict=False)
+            loaded.update(weights)
+            del weights
+        for parameter, names in _parameter_names(model).items():
             if not loaded.intersection(names):  # tied parameters are saved once, under one of their names
                 raise RuntimeError(f"checkpoint {folder} has no weights for {' / '.join(names)}")
 

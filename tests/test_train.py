@@ -24,7 +24,7 @@ ROWS = [{"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} plus {
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from transformers import AutoTokenizer, Qwen2Config
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     from sft.local_tokenizer import CHATML_JINJA, save_byte_tokenizer
 
@@ -32,9 +32,14 @@ def setup(tmp_path_factory):
     model = str(root / "model")
     save_byte_tokenizer(model, chat_template=CHATML_JINJA)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-                use_cache=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(model)
+    model_config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                               tie_word_embeddings=False, use_cache=False, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)
+    # Saved weights, as in fine-tuning: every strategy starts from the same ones (ZeRO-3 initialises a model
+    # built from a config alone inside zero.Init, with other random values).
+    torch.manual_seed(7)
+    Qwen2ForCausalLM(model_config).save_pretrained(model)
     (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS[:40]) + "\n")
     (root / "val.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS[40:]) + "\n")
     config = root / "run.yaml"
@@ -50,7 +55,7 @@ validation:
   data_args:
     file_name: {root / 'val.jsonl'}
 sft_train:
-  model_args: {{dtype: fp32, from_scratch: true, attn_implementation: sdpa}}
+  model_args: {{dtype: fp32, attn_implementation: sdpa}}
   training_args: {{max_steps: 8, learning_rate: 1.0e-3, per_device_train_batch_size: 4, warmup_steps: 2}}
   data_args: {{file_name: {root / 'train.jsonl'}, template: chatml}}
   infer_batch_size: 3
@@ -269,6 +274,9 @@ def test_strategies_give_the_same_losses_and_loadable_checkpoints(setup, tmp_pat
     out = reference_out if strategy == "ddp" else tmp_path / strategy
     got = reference if strategy == "ddp" else train_with(setup, out, strategy)
     assert sorted(got) == [1, 2, 3, 4]
+    # The strategy really ran: DeepSpeed keeps its own partitioned checkpoint (Accelerate on CPU would drop it silently).
+    state = os.listdir(os.path.join(str(out), "sft_train", "checkpoint-4", "training_state"))
+    assert ("pytorch_model" in state) == strategy.startswith("zero"), state
     for step, loss in got.items():
         assert loss == pytest.approx(reference[step], rel=1e-5), (strategy, step)
     # Guarantee 6: the saved HF model, loaded in a fresh process, gives the live model's validation loss.
