@@ -369,9 +369,11 @@ class SFTWorker:
             with open(index, encoding="utf-8") as handle:
                 files = sorted(set(json.load(handle)["weight_map"].values()))
         model = self.accelerator.unwrap_model(models.pop())
+        device = self.accelerator.device
+        device = "cpu" if device.type == "cpu" else str(device)  # safetensors refuses "cpu:0" (CPU ranks' device)
         loaded: set = set()
         for name in files:  # shard by shard, straight onto the device: one shard in memory at a time
-            weights = load_file(os.path.join(folder, name), device=str(self.accelerator.device))
+            weights = load_file(os.path.join(folder, name), device=device)
             model.load_state_dict(weights, strict=False)
             loaded.update(weights)
             del weights
