@@ -449,6 +449,7 @@ def load_config(config_path: Optional[str] = None, args: Optional[list[str]] = N
     parsed from the same command line and returned as ``(config, extra)``.
     """
     import simple_parsing
+    import yaml
     from simple_parsing import ArgumentGenerationMode, NestedMode
 
     argv = sys.argv[1:] if args is None else list(args)
@@ -472,8 +473,6 @@ def load_config(config_path: Optional[str] = None, args: Optional[list[str]] = N
         description="Supervised fine-tuning run config (YAML via --config_path, overridden by dotted flags).",
     )
     parser.add_arguments(SFTConfig, dest="config")
-    import yaml
-
     path = _config_file(argv)
     if path is not None:  # simple-parsing would end in a bare FileNotFoundError or a YAML parser traceback
         if not os.path.isfile(path):
