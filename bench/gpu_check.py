@@ -75,8 +75,8 @@ def main() -> None:
     rows = []
     for index in range(args.rows):
         prompt = f"Continue the list number {index}:"
-        overhead = len(tokenizer(template.render([{"role": "user", "content": prompt},
-                                                  {"role": "assistant", "content": ""}], [False, True])[0],
+        overhead = len(tokenizer(template.render_text([{"role": "user", "content": prompt},
+                                                       {"role": "assistant", "content": ""}]),
                                  add_special_tokens=False).input_ids)
         text = ""
         while len(text) < args.sequence_length - overhead:

@@ -35,14 +35,14 @@ from sft.worker import SFTWorker, build_accelerator, device_peak_flops, peak_mem
 
 
 class RunLog:
-    """Metrics to TensorBoard (through Accelerate), logging_dir/metrics.jsonl and logging_dir/train.log (main only)."""
+    """Metrics to TensorBoard (through Accelerate), <logs>/metrics.jsonl and <logs>/train.log (main only)."""
 
     def __init__(self, config: SFTConfig, accelerator):
         self.accelerator, self.main = accelerator, accelerator.is_main_process
         if self.main:
-            os.makedirs(config.logging_dir, exist_ok=True)
-            self.metrics = open(os.path.join(config.logging_dir, "metrics.jsonl"), "a", encoding="utf-8")
-            self.text = open(os.path.join(config.logging_dir, "train.log"), "a", encoding="utf-8")
+            os.makedirs(config.logs_dir(), exist_ok=True)
+            self.metrics = open(os.path.join(config.logs_dir(), "metrics.jsonl"), "a", encoding="utf-8")
+            self.text = open(os.path.join(config.logs_dir(), "train.log"), "a", encoding="utf-8")
         if config.track_with != "none":
             accelerator.init_trackers(config.exp_name, config=_flat(config))
 

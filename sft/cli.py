@@ -1,19 +1,14 @@
-"""What the scripts share at their entry point: a mistake in the user's config or data ends the script with
-one line, `error: <what, where>`, and exit status 1, not a traceback. Anything else is a bug and keeps its
-traceback."""
+"""What the scripts share at their entry point: a mistake in the user's config or data (any ``UserError``)
+ends the script with one line, `error: <what, where>`, and exit status 1, not a traceback. Anything else is
+a bug and keeps its traceback."""
 
 from __future__ import annotations
 
 import sys
 from typing import Callable, Optional
 
-from sft.config import ConfigError, load_config
-from sft.data import DataError
-from sft.encoding import EncodeError
-from sft.packing import PackingError
-from sft.templates import TemplateError
-
-USER_ERRORS = (ConfigError, DataError, EncodeError, TemplateError, PackingError)
+from sft.config import load_config
+from sft.errors import UserError
 
 
 def run_script(main: Callable, options: Optional[type] = None) -> None:
@@ -23,6 +18,6 @@ def run_script(main: Callable, options: Optional[type] = None) -> None:
             main(load_config())
         else:
             main(*load_config(extra=options))
-    except USER_ERRORS as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from sft.errors import UserError
+
 TEMPLATES = ("native", "qwen2_5", "qwen3", "chatml", "llama3", "base", "empty", "alpaca")
 STRATEGIES = ("ddp_train", "deepspeed_train", "fsdp2_train")
 OVERLONG_POLICIES = ("truncate", "drop", "error")
@@ -28,7 +30,7 @@ DTYPES = ("bf16", "fp16", "fp32")
 _NONE_STRINGS = ("", "none", "null", "None", "~")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value is invalid; the message names the field."""
 
 
@@ -53,7 +55,8 @@ class DataArgs:
     """Where the training data is and how it becomes (input_ids, labels)."""
 
     file_name: list[str] = field(default_factory=list)
-    """Training data: one path or a list of paths to .json (array of rows) or .jsonl files."""
+    """Training data: .json (array of rows), .jsonl, .parquet files, a save_to_disk folder, a dataset folder or a
+    Hub dataset id (org/name; pick a config and split with org/name?config=C&split=S)."""
     template: str = "native"
     """Chat template: native (the tokenizer's own), qwen2_5, qwen3, chatml, llama3, base/empty, alpaca."""
     preprocessing_num_workers: int = 1
@@ -64,6 +67,9 @@ class DataArgs:
     """A malformed row: error (stop, naming file, row and reason) or skip (count it, write it to the rejects file)."""
     loss_on_turns: str = "all"
     """Which assistant turns of a multi-turn row are trained on: all, or last (earlier ones become context)."""
+    train_on_reasoning: bool = True
+    """Supervise the reasoning (reasoning_content, or a <think> block) of trained turns; false masks it and keeps
+    the answer and tool calls supervised."""
     packing_strategy: str = "bfd"
     """With use_sequence_packing: bfd (fewest rows: best-fit decreasing, then its loose rows re-packed) or greedy
     (keeps the sample order)."""
@@ -80,7 +86,7 @@ class ValidationDataArgs:
     """Validation data; encoded with the same mapping and template as training."""
 
     file_name: list[str] = field(default_factory=list)
-    """Validation data files (.json/.jsonl). Empty: no validation."""
+    """Validation data, in the forms sft_train.data_args.file_name takes. Empty: no validation."""
 
 
 @dataclass
@@ -189,8 +195,8 @@ class SFTConfig:
     """Experiment name, used in logs and tracker runs."""
     seed: int = 42
     """Seed for data order, initialisation and dropout."""
-    logging_dir: str = "./output/logs"
-    """Text logs and metrics.jsonl go here."""
+    logging_dir: Optional[str] = None
+    """Text logs, metrics.jsonl and (under tensorboard/) TensorBoard events; None: <output_dir>/logs."""
     output_dir: str = "./output"
     """Checkpoints and encoded-data caches go here."""
     save_steps: int = 500
@@ -215,6 +221,8 @@ class SFTConfig:
     """Row key holding the assistant response of single-turn rows."""
     messages_key: Optional[str] = None
     """Row key holding a multi-turn conversation (OpenAI role/content or ShareGPT from/value); set it to use multi-turn rows."""
+    tools_key: Optional[str] = "tools"
+    """Row key holding the tools offered to the model: a list of JSON-schema functions, or that list as a JSON string."""
     global_template: Optional[str] = None
     """When set, overrides sft_train.data_args.template."""
     max_grad_norm: float = 1.0
@@ -235,6 +243,10 @@ class SFTConfig:
     def __post_init__(self) -> None:
         _normalise_and_check(self, "")
         self._check_combinations()
+
+    def logs_dir(self) -> str:
+        """Where this run's logs go: logging_dir, or <output_dir>/logs."""
+        return self.logging_dir or os.path.join(self.output_dir, "logs")
 
     def template_name(self) -> str:
         """The template in force: global_template when set, else sft_train.data_args.template."""
@@ -307,6 +319,8 @@ class SFTConfig:
 
     def check_paths(self) -> None:
         """Fail, naming the field, when a configured input file or folder does not exist."""
+        from sft.sources import spec_problem  # here, not at the top: sft.sources imports this module
+
         if self.pretrain is None:
             raise ConfigError("pretrain: not set; give the model (or tokenizer) folder or hub id")
         if not os.path.exists(self.pretrain) and not _looks_like_hub_id(self.pretrain):
@@ -315,16 +329,15 @@ class SFTConfig:
         if encoded is not None and not os.path.isdir(os.path.join(encoded, "train")):
             raise ConfigError(f"sft_train.data_args.encoded_path: {encoded} has no train/ folder (write it with scripts/encode.py --out)")
         if not self.sft_train.data_args.file_name and encoded is None:
-            raise ConfigError("sft_train.data_args.file_name: not set; give one or more .json/.jsonl files")
+            raise ConfigError("sft_train.data_args.file_name: not set; give .json/.jsonl/.parquet files, dataset folders or Hub ids")
         for name, files in (
             ("sft_train.data_args.file_name", self.sft_train.data_args.file_name),
             ("validation.data_args.file_name", self.validation.data_args.file_name),
         ):
             for path in files:
-                if not os.path.isfile(path):
-                    raise ConfigError(f"{name}: file not found: {path}")
-                if not path.endswith((".json", ".jsonl")):
-                    raise ConfigError(f"{name}: {path} is neither .json nor .jsonl")
+                problem = spec_problem(path)
+                if problem is not None:
+                    raise ConfigError(f"{name}: {problem}")
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -1,15 +1,29 @@
-"""Reading JSON/JSONL rows and mapping them to conversations. Pure: no tokenizer, no processes.
+"""Mapping rows to conversations in OpenAI form. Pure: no tokenizer, no processes.
 
-A row becomes a list of messages ``{"role": system|user|assistant|tool, "content": str}`` plus a flag
-per message saying whether it is trained on. Two row shapes are understood:
+A row becomes a ``Conversation``: messages ``{"role": system|user|assistant|tool, "content": str, ...}``,
+a flag per message saying whether it is trained on, and the tools offered. Row shapes understood:
 
 * single-turn (the seed's mapping): system from ``system_key`` (optional), user = row[prompt_key],
   plus "\\n" + row[query_key] when that is non-empty, assistant = row[response_key];
 * multi-turn, when ``messages_key`` is set: row[messages_key] is a list of OpenAI messages
-  (role/content) or ShareGPT turns (from/value: human/gpt/system/...), told apart per message.
+  (role/content) or ShareGPT turns (from/value: human/gpt/system/function_call/observation/...), told
+  apart per message.
 
-Problems with one row raise ``BadSample(reason)``; problems with a whole file raise ``DataError``
-naming the file (and line).
+What messages may carry, in any of the forms seen in public data, and what they become:
+
+    tool calls   tool_calls: [{"type": "function", "function": {"name", "arguments"}}] (or {"name",
+                 "arguments"} items; the legacy function_call key; a ShareGPT function_call turn; content
+                 parts of type tool_call)  ->  tool_calls, arguments parsed from JSON strings to objects
+    reasoning    reasoning_content (or reasoning, thinking; content parts of type reasoning)
+                 ->  reasoning_content. A <think>...</think> block in the content is left to the template.
+    tool results role tool / ShareGPT observation, with tool_call_id and name when present
+    tools        row[tools_key]: a list of functions, or that list as a JSON string -> [{"type": "function",
+                 "function": {...}}]
+    weight/train weight: 0 or train: false on an assistant message makes it context (axolotl's convention)
+
+Null values count as absent (Parquet stores every key of every message). Keys that none of this reads are
+named in ``Conversation.ignored_keys`` and counted in the encode report. Problems with one row raise
+``BadSample(reason)``; problems with a whole file raise ``DataError`` naming the file (and line).
 """
 
 from __future__ import annotations
@@ -17,9 +31,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from sft.config import SFTConfig
+from sft.errors import UserError
 
 # ShareGPT speaker names -> chat roles. function_call is the assistant calling a tool; observation is the
 # tool's answer (LLaMA-Factory's glaive format).
@@ -36,7 +51,7 @@ OPENAI_ROLES = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A whole input file is unusable (unreadable, malformed JSON, a key no row has)."""
 
 
@@ -57,11 +72,17 @@ class FieldMapping:
     response_key: str = SFTConfig.response_key
     system_key: Optional[str] = SFTConfig.system_key
     messages_key: Optional[str] = SFTConfig.messages_key
+    tools_key: Optional[str] = SFTConfig.tools_key
 
     @classmethod
     def from_config(cls, config) -> "FieldMapping":
         return cls(prompt_key=config.prompt_key, query_key=config.query_key, response_key=config.response_key,
-                   system_key=config.system_key, messages_key=config.messages_key)
+                   system_key=config.system_key, messages_key=config.messages_key, tools_key=config.tools_key)
+
+    def used_keys(self) -> set[str]:
+        """Row keys this mapping reads."""
+        keys = {self.messages_key} if self.messages_key is not None else {self.prompt_key, self.response_key, self.query_key}
+        return {key for key in keys | {self.system_key, self.tools_key} if key is not None}
 
     def required_keys(self) -> dict[str, str]:
         """Row key -> the config field that names it, for keys every row must have."""
@@ -73,130 +94,20 @@ class FieldMapping:
         return keys
 
 
-@dataclass(frozen=True)
-class RawRow:
-    """One record of an input file, kept as its JSON text so that any shape fits one Arrow column."""
+@dataclass
+class Conversation:
+    """One row as a conversation: OpenAI-form messages, which of them are targets, and the tools offered."""
 
-    row: int  # 1-based position in the file
-    line: int  # 1-based line where the record starts
-    text: str
-
-
-def location(path: str, row: int, line: int) -> str:
-    """How errors name a row: 'file.jsonl line 7' or 'file.json row 12 (line 340)'."""
-    if path.endswith(".jsonl"):
-        return f"{path} line {line}"
-    return f"{path} row {row} (line {line})"
+    messages: list[dict]
+    trained: list[bool]
+    tools: Optional[list[dict]] = None
+    ignored_keys: tuple[str, ...] = ()  # keys of the row or its messages that nothing reads ("messages[].weight")
 
 
-def read_rows(path: str, skip_malformed: bool = False) -> tuple[list[RawRow], list[tuple[RawRow, str]]]:
-    """Read every record of a .json array or .jsonl file, checking JSON syntax and that rows are objects.
-
-    Returns (rows, rejected). Malformed JSONL lines raise DataError naming file and line, or with
-    ``skip_malformed`` are returned in ``rejected`` with the reason. A malformed .json array always
-    raises: after a syntax error nothing later in the file can be trusted.
-    """
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    except OSError as error:
-        raise DataError(f"{path}: cannot read ({error.strerror})") from None
-    if path.endswith(".jsonl"):
-        return _read_jsonl(path, text, skip_malformed)
-    return list(_read_json_array(path, text)), []
-
-
-def _read_jsonl(path: str, text: str, skip_malformed: bool) -> tuple[list[RawRow], list[tuple[RawRow, str]]]:
-    rows, rejected = [], []
-    row_number = 0
-    for line_number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        row_number += 1
-        raw = RawRow(row_number, line_number, line)
-        try:
-            value = json.loads(line)
-            reason = None if isinstance(value, dict) else f"the record is a JSON {type(value).__name__}, expected an object"
-        except json.JSONDecodeError as error:
-            reason = f"malformed JSON: {error.msg} (column {error.colno})"
-        if reason is None:
-            rows.append(raw)
-        elif skip_malformed:
-            rejected.append((raw, reason))
-        else:
-            raise DataError(f"{path} line {line_number}: {reason}")
-    return rows, rejected
-
-
-def _read_json_array(path: str, text: str) -> Iterator[RawRow]:
-    decoder = json.JSONDecoder()
-    whitespace = " \t\n\r\ufeff"
-    position, line, counted_to = 0, 1, 0
-
-    def line_at(index: int) -> int:
-        nonlocal line, counted_to
-        line += text.count("\n", counted_to, index)
-        counted_to = index
-        return line
-
-    def skip(index: int) -> int:
-        while index < len(text) and text[index] in whitespace:
-            index += 1
-        return index
-
-    position = skip(0)
-    if position == len(text):
-        raise DataError(f"{path}: the file is empty; expected a JSON array of row objects")
-    if text[position] != "[":
-        hint = " (one object per line? name the file .jsonl)" if text[position] == "{" else ""
-        raise DataError(f"{path} line {line_at(position)}: expected a JSON array of row objects{hint}")
-    position = skip(position + 1)
-    row = 0
-    if position < len(text) and text[position] == "]":
-        return
-    while True:
-        row += 1
-        start_line = line_at(position)
-        try:
-            value, end = decoder.raw_decode(text, position)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path} line {error.lineno} column {error.colno}: malformed JSON in row {row}: {error.msg}") from None
-        if not isinstance(value, dict):
-            raise DataError(f"{path} row {row} (line {start_line}): the record is a JSON {type(value).__name__}, expected an object")
-        yield RawRow(row, start_line, text[position:end])
-        position = skip(end)
-        if position < len(text) and text[position] == ",":
-            position = skip(position + 1)
-            continue
-        if position < len(text) and text[position] == "]":
-            if skip(position + 1) != len(text):
-                raise DataError(f"{path} line {line_at(skip(position + 1))}: unexpected text after the closing ']'")
-            return
-        where = f"line {line_at(min(position, len(text)))}"
-        raise DataError(f"{path} {where}: malformed JSON after row {row}: expected ',' or ']'")
-
-
-def check_keys(path: str, rows: list[RawRow], mapping: FieldMapping) -> None:
-    """Fail early, listing the keys the file has, when no row has a key the mapping needs."""
-    if not rows:
-        return
-    seen: set[str] = set()
-    present: dict[str, bool] = dict.fromkeys(mapping.required_keys(), False)
-    for raw in rows[:1000]:
-        keys = json.loads(raw.text).keys()
-        seen.update(keys)
-        for key in present:
-            present[key] = present[key] or key in keys
-    for key, field_name in mapping.required_keys().items():
-        if not present[key]:
-            have = ", ".join(sorted(seen)) or "(none)"
-            hint = " (or null if the data has no such column)" if field_name == "query_key" else ""
-            raise DataError(
-                f"{path}: no row has the key '{key}' named by {field_name}; the rows have keys: {have}. "
-                f"Set {field_name} to one of them{hint}."
-            )
+# Message keys read here; anything else (with a non-null value) is reported as ignored.
+MESSAGE_KEYS = {"role", "content", "from", "value", "reasoning_content", "reasoning", "thinking", "tool_calls",
+                "function_call", "tool_call_id", "name", "weight", "train"}
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 
 
 def _text(value: Any, what: str) -> str:
@@ -207,32 +118,118 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
-def conversation_from_row(row: dict, mapping: FieldMapping, loss_on_turns: str = "all") -> tuple[list[dict], list[bool]]:
-    """Map one row to (messages, trained): messages are {role, content} dicts, trained flags which are targets.
+def _json_value(value: Any, what: str) -> Any:
+    """A value that may be given as JSON text: parsed, naming the field when the text is not JSON."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        raise BadSample(f"{what} is not valid JSON: {error.msg} (column {error.colno})") from None
+
+
+def _describe(value: Any) -> str:
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def parse_tools(value: Any, what: str) -> Optional[list[dict]]:
+    """Tools as [{"type": "function", "function": {"name", ...}}]; bare function schemas are wrapped."""
+    value = _json_value(value, what)
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list):
+        raise BadSample(f"{what} is {_describe(value)}, expected a list of tools")
+    tools = []
+    for index, tool in enumerate(value):
+        if not isinstance(tool, dict):
+            raise BadSample(f"{what}[{index}] is {_describe(tool)}, expected an object")
+        function = tool.get("function") if tool.get("type") == "function" or "function" in tool else tool
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise BadSample(f"{what}[{index}] has no function name")
+        tools.append({"type": "function", "function": function})
+    return tools
+
+
+def _tool_call(value: Any, what: str) -> dict:
+    """One tool call as {"type": "function", "function": {"name", "arguments": object}}."""
+    value = _json_value(value, what)
+    if not isinstance(value, dict):
+        raise BadSample(f"{what} is {_describe(value)}, expected an object with a name and arguments")
+    function = value.get("function") if isinstance(value.get("function"), dict) else value
+    name = function.get("name")
+    if not isinstance(name, str) or not name:
+        raise BadSample(f"{what} has no name")
+    arguments = function.get("arguments", function.get("parameters", {}))
+    arguments = {} if arguments is None else _json_value(arguments, f"{what}.arguments")
+    if not isinstance(arguments, dict):
+        raise BadSample(f"{what}.arguments is {_describe(arguments)}, expected a JSON object")
+    call = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    if isinstance(value.get("id"), str):
+        call["id"] = value["id"]
+    return call
+
+
+def _tool_calls(value: Any, what: str) -> list[dict]:
+    value = _json_value(value, what)
+    calls = value if isinstance(value, list) else [value]
+    return [_tool_call(call, f"{what}[{index}]" if isinstance(value, list) else what) for index, call in enumerate(calls)]
+
+
+def _content_parts(value: Any, what: str) -> tuple[str, list[str], list[dict]]:
+    """Content as (text, reasoning texts, tool calls): a string, or a list of typed parts."""
+    if not isinstance(value, list):
+        return _text(value, what), [], []
+    texts, reasoning, calls = [], [], []
+    for index, part in enumerate(value):
+        part_what = f"{what}[{index}]"
+        if not isinstance(part, dict):
+            raise BadSample(f"{part_what} is {_describe(part)}, expected a content part object")
+        kind = part.get("type")
+        text = part.get("text") if part.get("text") is not None else part.get("value")
+        if kind == "text" and isinstance(text, str):
+            texts.append(text)
+        elif kind in ("reasoning", "thinking") and isinstance(text, str):
+            reasoning.append(text)
+        elif kind == "tool_call" and text is not None:
+            calls += _tool_calls(text, part_what)
+        else:
+            raise BadSample(f"{part_what} is a part of type {kind!r}; supported parts: text, reasoning, tool_call "
+                            f"(the part: {json.dumps(part, default=str)[:80]})")
+    return "".join(texts), reasoning, calls
+
+
+def conversation_from_row(row: dict, mapping: FieldMapping, loss_on_turns: str = "all") -> Conversation:
+    """Map one row to a Conversation (see the module docstring for the shapes understood).
 
     Assistant turns before the first user turn (a chat split mid-way) have no prompt and become context.
     With loss_on_turns='last' only the final trainable assistant turn is a target.
     """
+    ignored = {key for key, value in row.items() if key not in mapping.used_keys() and value is not None}
     if mapping.messages_key is None:
         messages = _single_turn(row, mapping)
     else:
-        messages = _multi_turn(row, mapping)
+        messages = _multi_turn(row, mapping, ignored)
+    tools = None
+    if mapping.tools_key is not None and row.get(mapping.tools_key) is not None:
+        tools = parse_tools(row[mapping.tools_key], f"field '{mapping.tools_key}' (tools_key)")
     trained = []
     seen_user = False
     for message in messages:
         seen_user = seen_user or message["role"] == "user"
-        trained.append(message["role"] == "assistant" and seen_user)
+        trained.append(message["role"] == "assistant" and seen_user and message.pop("_train", True))
+    for message in messages:
+        message.pop("_train", None)
     if not any(trained):
         if not any(m["role"] == "assistant" for m in messages):
             raise BadSample("the conversation has no assistant turn")
-        raise BadSample("no assistant turn follows a user turn, so there is nothing to train on")
+        raise BadSample("no assistant turn follows a user turn (or every one has weight 0), so there is nothing to train on")
     for index, message in enumerate(messages):
-        if trained[index] and not message["content"].strip():
-            raise BadSample(f"empty response: assistant turn at message {index} has no content")
+        if trained[index] and not message["content"].strip() and not message.get("tool_calls"):
+            raise BadSample(f"empty response: assistant turn at message {index} has no content and no tool calls")
     if loss_on_turns == "last":
         last = max(i for i, flag in enumerate(trained) if flag)
         trained = [i == last for i in range(len(trained))]
-    return messages, trained
+    return Conversation(messages, trained, tools, tuple(sorted(ignored)))
 
 
 def _single_turn(row: dict, mapping: FieldMapping) -> list[dict]:
@@ -259,25 +256,63 @@ def _single_turn(row: dict, mapping: FieldMapping) -> list[dict]:
     return messages
 
 
-def _message_content(value: Any, what: str) -> str:
-    # OpenAI allows content as a list of parts; text-only lists are joined, anything else is refused.
-    if isinstance(value, list):
-        texts = []
-        for part in value:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise BadSample(f"{what} has a non-text part ({json.dumps(part)[:80]}); only text is supported")
-            texts.append(part["text"])
-        return "".join(texts)
-    return _text(value, what)
+def _message(turn: dict, what: str, ignored: set[str]) -> dict:
+    """One message of a multi-turn row in OpenAI form (see the module docstring)."""
+    present = {key: value for key, value in turn.items() if value is not None}
+    if "role" in present:
+        roles, role_key, content_key = OPENAI_ROLES, "role", "content"
+    elif "from" in present:
+        roles, role_key, content_key = SHAREGPT_ROLES, "from", "value"
+    else:
+        raise BadSample(f"{what} has neither 'role' (OpenAI) nor 'from' (ShareGPT); its keys: {', '.join(sorted(turn))}")
+    ignored.update(f"messages[].{key}" for key in present if key not in MESSAGE_KEYS)
+    speaker = present[role_key]
+    if not isinstance(speaker, str) or speaker.lower() not in roles:
+        raise BadSample(f"{what}.{role_key} is {speaker!r}, not one of {', '.join(sorted(roles))}")
+    role = roles[speaker.lower()]
+    has_calls = any(key in present for key in ("tool_calls", "function_call"))
+    if content_key not in turn and not has_calls:
+        raise BadSample(f"{what} has no '{content_key}'; its keys: {', '.join(sorted(turn))}")
+    if turn.get(content_key) is None and has_calls:
+        content, reasoning, calls = "", [], []
+    else:
+        content, reasoning, calls = _content_parts(turn.get(content_key), f"{what}.{content_key}")
+    if speaker.lower() == "function_call":  # ShareGPT: the value is the call itself, as JSON
+        calls += _tool_calls(content, f"{what}.{content_key}")
+        content = ""
+    message = {"role": role, "content": content}
+    for key in ("tool_calls", "function_call"):
+        if key in present:
+            calls += _tool_calls(present[key], f"{what}.{key}")
+    for key in REASONING_KEYS:
+        if key in present:
+            reasoning.append(_text(present[key], f"{what}.{key}"))
+    if (calls or reasoning) and role != "assistant":
+        feature = "tool calls" if calls else "reasoning"
+        raise BadSample(f"{what} is a {role} message with {feature}; only assistant messages can have them")
+    if calls:
+        message["tool_calls"] = calls
+    if reasoning:
+        message["reasoning_content"] = "\n\n".join(reasoning)
+    for key in ("tool_call_id", "name"):
+        if key in present:
+            message[key] = _text(present[key], f"{what}.{key}")
+    weight = present.get("weight", 1)
+    train = present.get("train", True)
+    if weight not in (0, 1) or not isinstance(train, bool):
+        raise BadSample(f"{what}: weight must be 0 or 1 and train true or false, got weight {weight!r}, train {train!r}")
+    if role == "assistant":
+        message["_train"] = bool(weight) and train
+    return message
 
 
-def _multi_turn(row: dict, mapping: FieldMapping) -> list[dict]:
+def _multi_turn(row: dict, mapping: FieldMapping, ignored: set[str]) -> list[dict]:
     key = mapping.messages_key
     if key not in row:
         raise BadSample(f"missing key '{key}' (messages_key); this row has keys: {', '.join(sorted(row)) or '(none)'}")
     turns = row[key]
     if not isinstance(turns, list):
-        raise BadSample(f"field '{key}' (messages_key) is {'null' if turns is None else 'a ' + type(turns).__name__}, expected a list of messages")
+        raise BadSample(f"field '{key}' (messages_key) is {_describe(turns)}, expected a list of messages")
     if not turns:
         raise BadSample(f"field '{key}' (messages_key) is an empty conversation")
     messages = []
@@ -285,32 +320,9 @@ def _multi_turn(row: dict, mapping: FieldMapping) -> list[dict]:
         what = f"{key}[{index}]"
         if not isinstance(turn, dict):
             raise BadSample(f"{what} is a {type(turn).__name__}, expected an object")
-        if "role" in turn:
-            roles, role_key, content_key = OPENAI_ROLES, "role", "content"
-        elif "from" in turn:
-            roles, role_key, content_key = SHAREGPT_ROLES, "from", "value"
-        else:
-            raise BadSample(f"{what} has neither 'role' (OpenAI) nor 'from' (ShareGPT); its keys: {', '.join(sorted(turn))}")
-        speaker = turn[role_key]
-        if not isinstance(speaker, str) or speaker.lower() not in roles:
-            raise BadSample(f"{what}.{role_key} is {speaker!r}, not one of {', '.join(sorted(roles))}")
-        if content_key not in turn:
-            raise BadSample(f"{what} has no '{content_key}'; its keys: {', '.join(sorted(turn))}")
-        content = _message_content(turn[content_key], f"{what}.{content_key}")
-        messages.append({"role": roles[speaker.lower()], "content": content})
+        messages.append(_message(turn, what, ignored))
     if mapping.system_key is not None and row.get(mapping.system_key) is not None and messages[0]["role"] != "system":
         system = _text(row[mapping.system_key], f"field '{mapping.system_key}' (system_key)")
         if system.strip():
             messages.insert(0, {"role": "system", "content": system})
     return messages
-
-
-def file_fingerprint(path: str) -> str:
-    """sha256 of a file's bytes (for the encode cache key)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return f"{os.path.basename(path)}:{digest.hexdigest()}"

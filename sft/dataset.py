@@ -1,6 +1,6 @@
 """Building the encoded dataset on disk, with a content-keyed cache. Used by scripts/encode.py and train.py.
 
-Layout of an encoded folder (``datasets.save_to_disk`` per split)::
+Layout of an encoded folder (``datasets.save_to_disk``'s layout per split, written by sft.pipeline)::
 
     DIR/train/            input_ids, labels, length, source
     DIR/validation/       (when validation.data_args.file_name is set)
@@ -21,20 +21,37 @@ import shutil
 from typing import Optional
 
 from sft.config import ConfigError, SFTConfig
-from sft.data import DataError, FieldMapping, file_fingerprint
-from sft.encoding import EncodeSettings, encode_split
+from sft.data import DataError, FieldMapping
+from sft.encoding import EncodeSettings
+from sft.pipeline import encode_split
+from sft.sources import source_fingerprint
 from sft.templates import get_template
 
 # Bump when the encoder's output for the same inputs changes, so old caches are not reused.
-ENCODER_VERSION = 1
+ENCODER_VERSION = 2  # 2: tools, tool calls, reasoning, generation-faithful splits
 META_FILE = "encode_meta.json"
 
 
 def load_tokenizer(pretrain: str):
-    """The fast tokenizer of ``pretrain`` (a folder that may hold only tokenizer files, or a hub id)."""
-    from transformers import AutoTokenizer
+    """The fast tokenizer of ``pretrain`` (a folder that may hold only tokenizer files, or a hub id).
 
-    tokenizer = AutoTokenizer.from_pretrained(pretrain)
+    For a local folder the class named in its tokenizer_config.json is loaded directly: the same tokenizer
+    AutoTokenizer builds, without AutoTokenizer's import of transformers' model configuration code, which
+    imports torch (over a second of scripts/encode.py's start-up). Anything else goes through AutoTokenizer.
+    """
+    import transformers
+
+    loader = None
+    config_file = os.path.join(pretrain, "tokenizer_config.json")
+    if os.path.isfile(config_file):
+        try:
+            with open(config_file, encoding="utf-8") as handle:
+                named = json.load(handle).get("tokenizer_class")
+        except (OSError, json.JSONDecodeError):
+            named = None
+        if isinstance(named, str) and named.isidentifier() and hasattr(transformers, named):
+            loader = getattr(transformers, named)
+    tokenizer = (loader or transformers.AutoTokenizer).from_pretrained(pretrain)
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"pretrain: {pretrain} has no fast (Rust) tokenizer; encoding needs tokenizer.json")
     return tokenizer
@@ -52,10 +69,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def encode_settings(config: SFTConfig) -> EncodeSettings:
     data = config.sft_train.data_args
     return EncodeSettings(mapping=FieldMapping.from_config(config), sequence_length=config.sequence_length,
-                          overlong=data.overlong, on_bad_sample=data.on_bad_sample, loss_on_turns=data.loss_on_turns)
+                          overlong=data.overlong, on_bad_sample=data.on_bad_sample, loss_on_turns=data.loss_on_turns,
+                          train_on_reasoning=data.train_on_reasoning)
 
 
 def splits(config: SFTConfig) -> dict[str, list[str]]:
+    """Split name -> its source specs (files, dataset folders, Hub ids; see sft.sources)."""
     result = {"train": list(config.sft_train.data_args.file_name)}
     if config.validation.data_args.file_name:
         result["validation"] = list(config.validation.data_args.file_name)
@@ -67,7 +86,7 @@ def cache_key(config: SFTConfig, tokenizer) -> tuple[str, dict]:
     settings = encode_settings(config)
     inputs = {
         "encoder_version": ENCODER_VERSION,
-        "files": {split: [file_fingerprint(path) for path in paths] for split, paths in splits(config).items()},
+        "sources": {split: [source_fingerprint(spec) for spec in specs] for split, specs in splits(config).items()},
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": config.template_name(),
         "mapping": dataclasses.asdict(settings.mapping),
@@ -75,6 +94,7 @@ def cache_key(config: SFTConfig, tokenizer) -> tuple[str, dict]:
         "overlong": settings.overlong,
         "on_bad_sample": settings.on_bad_sample,
         "loss_on_turns": settings.loss_on_turns,
+        "train_on_reasoning": settings.train_on_reasoning,
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest(), inputs
 
@@ -114,24 +134,27 @@ def build_encoded(config: SFTConfig, out_dir: Optional[str] = None, tokenizer=No
     os.makedirs(staging)
     reports = {}
     try:
+        moves = []  # (rejects file in staging, the configured rejects_file): moved once every split succeeded
         for split, files in splits(config).items():
-            result = encode_split(files, template, tokenizer, settings, data.preprocessing_num_workers,
-                                  desc=f"Encoding {split}")
-            if len(result.dataset) == 0:
-                raise DataError(f"{split}: no row of {', '.join(files)} was kept\n{format_report(split, result.report)}")
-            result.dataset.save_to_disk(os.path.join(staging, split))
             rejects_path = os.path.join(staging, f"rejects-{split}.jsonl")
             final_rejects = os.path.join(out_dir, f"rejects-{split}.jsonl")
             if data.rejects_file:
                 stem, ext = os.path.splitext(data.rejects_file)
-                final_rejects = rejects_path = data.rejects_file if split == "train" else f"{stem}-{split}{ext or '.jsonl'}"
-            if result.rejects:
-                os.makedirs(os.path.dirname(os.path.abspath(rejects_path)), exist_ok=True)
-                with open(rejects_path, "w", encoding="utf-8") as handle:
-                    for reject in result.rejects:
-                        handle.write(json.dumps(reject, ensure_ascii=False) + "\n")
+                final_rejects = data.rejects_file if split == "train" else f"{stem}-{split}{ext or '.jsonl'}"
+            result = encode_split(files, template, tokenizer, settings, data.preprocessing_num_workers,
+                                  desc=f"Encoding {split}", out_dir=os.path.join(staging, split),
+                                  rejects_path=rejects_path, work_dir=staging)
+            if len(result.dataset) == 0:
+                raise DataError(f"{split}: no row of {', '.join(files)} was kept\n{format_report(split, result.report)}")
+            if result.rejects_path is not None:
                 result.report["rejects_file"] = final_rejects
+                if data.rejects_file:
+                    moves.append((rejects_path, final_rejects))
             reports[split] = result.report
+            del result  # its dataset maps files in staging, renamed below
+        for staged, final in moves:
+            os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
+            shutil.move(staged, final)
         meta = {"cache_key": key, "inputs": inputs, "template": config.template_name(),
                 "pretrain": config.pretrain, "reports": reports}
         with open(os.path.join(staging, META_FILE), "w", encoding="utf-8") as handle:
@@ -147,11 +170,14 @@ def build_encoded(config: SFTConfig, out_dir: Optional[str] = None, tokenizer=No
 
 def format_report(split: str, report: dict) -> str:
     """The end-of-encoding report as aligned lines."""
-    lines = [f"[{split}] rows read {report['rows_read']:,} | kept {report['kept']:,} | truncated {report['truncated']:,}"
+    lines = [f"[{split}] rows read {report['rows_read']:,} | kept {report['kept']:,} | samples {report['samples']:,}"
+             f" (split {report['split_samples']:,}) | truncated {report['truncated']:,}"
              f" | re-tokenized at a turn edge {report['retokenized_at_boundary']:,}"]
     for title in ("dropped", "rejected"):
         for reason, count in report[title].items():
             lines.append(f"  {title:<8} {count:>7,}  {reason}")
+    if report["ignored_keys"]:
+        lines.append("  ignored keys: " + ", ".join(f"{key} ({count:,} rows)" for key, count in report["ignored_keys"].items()))
     lines.append(f"  tokens {report['total_tokens']:,} | supervised {report['supervised_tokens']:,}"
                  f" ({report['supervised_fraction']:.1%})")
     if report["length_percentiles"]:

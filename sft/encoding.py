@@ -15,21 +15,18 @@ boundary); it is counted in the report as ``retokenized_at_boundary``.
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from sft.config import DataArgs
-from sft.data import BadSample, FieldMapping, conversation_from_row, location
-from sft.templates import ChatTemplate, TemplateRefused
-
-IGNORE_INDEX = -100
-
-# Status of an encoded row: kept, dropped by a policy (counted, not an error), or rejected as bad input.
-KEPT = "kept"
+from sft.data import BadSample, FieldMapping, conversation_from_row
+from sft.errors import IGNORE_INDEX, UserError
+from sft.sources import SourceRow
+from sft.templates import ChatTemplate, TemplateError, TemplateRefused
 
 
-class EncodeError(ValueError):
+class EncodeError(UserError):
     """A sample cannot be encoded under the configured policy; the message names file and row."""
 
 
@@ -42,6 +39,7 @@ class EncodeSettings:
     overlong: str = DataArgs.overlong  # truncate | drop | error (defaults are the config's)
     on_bad_sample: str = DataArgs.on_bad_sample  # error | skip
     loss_on_turns: str = DataArgs.loss_on_turns  # all | last
+    train_on_reasoning: bool = DataArgs.train_on_reasoning
 
 
 def supervised_labels(encoding, spans: list[tuple[int, int]]) -> list[int] | None:
@@ -78,225 +76,143 @@ def tokenize_by_pieces(backend, text: str, spans: list[tuple[int, int]]) -> tupl
     return ids, labels
 
 
-def encode_rows(rows: dict, files: list[str], template: ChatTemplate, backend, settings: EncodeSettings) -> dict:
-    """Encode a batch of raw rows (columns file_index, row, line, text) into output columns.
+@dataclass
+class EncodeCounts:
+    """Running counts of encoding, mergeable across chunks and workers; ``report`` turns them into the report."""
 
-    Output columns: input_ids, labels, length, source, plus status (kept / dropped:... / rejected:...),
-    truncated and retokenized for the report. Bad rows raise EncodeError when the policy is error.
+    rows_read: int = 0
+    rows_kept: int = 0  # rows that gave at least one sample
+    samples: int = 0  # samples written (a row whose turns need their own render gives several)
+    split_samples: int = 0  # of those, samples made for one turn (see sft.templates: generation-faithful targets)
+    truncated: int = 0
+    retokenized: int = 0
+    total_tokens: int = 0
+    supervised_tokens: int = 0
+    dropped: Counter = field(default_factory=Counter)  # reason -> samples dropped by a policy
+    rejected: Counter = field(default_factory=Counter)  # reason kind -> rows rejected as bad input
+    ignored_keys: Counter = field(default_factory=Counter)  # "messages[].weight" -> rows that had it
+
+    def merge(self, other: "EncodeCounts") -> None:
+        for name in ("rows_read", "rows_kept", "samples", "split_samples", "truncated", "retokenized",
+                     "total_tokens", "supervised_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.dropped.update(other.dropped)
+        self.rejected.update(other.rejected)
+        self.ignored_keys.update(other.ignored_keys)
+
+    def report(self, lengths) -> dict:
+        """The split's report (a JSON-able dict, stored in encode_meta.json); ``lengths`` of the kept samples."""
+        import numpy as np
+
+        lengths = np.asarray(lengths)
+        return {
+            "rows_read": self.rows_read,
+            "kept": self.rows_kept,
+            "samples": self.samples,
+            "split_samples": self.split_samples,
+            "dropped": dict(sorted(self.dropped.items())),
+            "rejected": dict(sorted(self.rejected.items())),
+            "ignored_keys": dict(sorted(self.ignored_keys.items())),
+            "truncated": self.truncated,
+            "retokenized_at_boundary": self.retokenized,
+            "total_tokens": self.total_tokens,
+            "supervised_tokens": self.supervised_tokens,
+            "supervised_fraction": round(self.supervised_tokens / self.total_tokens, 4) if self.total_tokens else 0.0,
+            "length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)}
+            | {"max": int(lengths.max())} if len(lengths) else {},
+        }
+
+
+@dataclass
+class EncodedChunk:
+    """What encoding a batch of rows gives: the kept samples as columns, the counts, and the rejected rows."""
+
+    columns: dict[str, list]  # input_ids, labels, length, source: one entry per kept sample
+    counts: EncodeCounts
+    rejects: list[dict]  # {"source", "reason", "row"}
+
+
+def _reject(row: SourceRow, reason: str, settings: EncodeSettings, counts: EncodeCounts, rejects: list[dict]) -> None:
+    if settings.on_bad_sample == "error":
+        raise EncodeError(f"{row.where}: {reason} (set sft_train.data_args.on_bad_sample: skip to skip such rows)")
+    counts.rejected[reason_kind(reason)] += 1
+    rejects.append({"source": row.source, "reason": reason, "row": row.raw_text()})
+
+
+def encode_rows(rows: list[SourceRow], template: ChatTemplate, backend, settings: EncodeSettings) -> EncodedChunk:
+    """Encode a batch of rows into samples: map, render, tokenize in one batched call, label, apply the policies.
+
+    Bad rows raise EncodeError naming the row when the policy is error; otherwise they are counted and returned
+    in ``rejects``. A template error (the template itself cannot give exact labels) always raises.
     """
-    batch = len(rows["text"])
-    status = [KEPT] * batch
-    texts, spans_of, positions = [], [], []
-    for i in range(batch):
-        where = location(files[rows["file_index"][i]], rows["row"][i], rows["line"][i])
-        try:
-            messages, trained = conversation_from_row(json.loads(rows["text"][i]), settings.mapping, settings.loss_on_turns)
-            text, spans = template.render(messages, trained)
-        except (BadSample, TemplateRefused) as error:
-            if settings.on_bad_sample == "error":
-                raise EncodeError(f"{where}: {error} (set sft_train.data_args.on_bad_sample: skip to skip such rows)") from None
-            status[i] = f"rejected:{error}"
+    counts = EncodeCounts(rows_read=len(rows))
+    rejects: list[dict] = []
+    rendered = []  # (row, sample source, text, spans)
+    for row in rows:
+        if row.error is not None:
+            _reject(row, row.error, settings, counts, rejects)
             continue
-        except Exception as error:  # TemplateError: the template itself is wrong, whatever the policy
-            raise EncodeError(f"{where}: {error}") from None
-        texts.append(text)
-        spans_of.append(spans)
-        positions.append(i)
+        try:
+            conversation = conversation_from_row(row.value, settings.mapping, settings.loss_on_turns)
+            samples = template.render(conversation, settings.train_on_reasoning)
+        except (BadSample, TemplateRefused) as error:
+            _reject(row, str(error), settings, counts, rejects)
+            continue
+        except TemplateError as error:
+            raise EncodeError(f"{row.where}: {error}") from None
+        for key in conversation.ignored_keys:
+            counts.ignored_keys[key] += 1
+        for sample in samples:
+            suffix = "" if sample.turn is None else f"#{sample.turn}"
+            rendered.append((row, row.source + suffix, sample.text, sample.spans, sample.turn is not None))
 
-    input_ids = [[] for _ in range(batch)]
-    labels = [[] for _ in range(batch)]
-    truncated = [False] * batch
-    retokenized = [False] * batch
-    for encoding, text, spans, i in zip(backend.encode_batch(texts, add_special_tokens=False), texts, spans_of, positions):
+    columns: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "source": []}
+    kept_rows = set()
+    encodings = backend.encode_batch([text for _, _, text, _, _ in rendered], add_special_tokens=False)
+    for encoding, (row, source, text, spans, is_split) in zip(encodings, rendered):
         ids = encoding.ids
-        row_labels = supervised_labels(encoding, spans)
-        if row_labels is None:
-            ids, row_labels = tokenize_by_pieces(backend, text, spans)
-            retokenized[i] = True
+        labels = supervised_labels(encoding, spans)
+        retokenized = labels is None
+        if retokenized:
+            ids, labels = tokenize_by_pieces(backend, text, spans)
+        truncated = False
         if len(ids) > settings.sequence_length:
             if settings.overlong == "error":
-                where = location(files[rows["file_index"][i]], rows["row"][i], rows["line"][i])
-                raise EncodeError(
-                    f"{where}: {len(ids)} tokens, longer than sequence_length {settings.sequence_length} "
-                    "(set sft_train.data_args.overlong: truncate or drop)"
-                )
+                raise EncodeError(f"{row.where}: {len(ids)} tokens, longer than sequence_length "
+                                  f"{settings.sequence_length} (set sft_train.data_args.overlong: truncate or drop)")
             if settings.overlong == "drop":
-                status[i] = "dropped:longer than sequence_length"
+                counts.dropped["longer than sequence_length"] += 1
                 continue
-            ids, row_labels = ids[: settings.sequence_length], row_labels[: settings.sequence_length]
-            truncated[i] = True
+            ids, labels = ids[: settings.sequence_length], labels[: settings.sequence_length]
+            truncated = True
+        supervised = len(labels) - labels.count(IGNORE_INDEX)
         # Only truncation can remove every target: an untruncated span always holds the end-of-turn token.
-        if truncated[i] and all(label == IGNORE_INDEX for label in row_labels):
-            status[i] = "dropped:no supervised token left after truncation"
+        if truncated and supervised == 0:
+            counts.dropped["no supervised token left after truncation"] += 1
             continue
-        input_ids[i], labels[i] = ids, row_labels
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "length": [len(ids) for ids in input_ids],
-        "source": [f"{files[rows['file_index'][i]]}:{rows['row'][i]}" for i in range(batch)],
-        "status": status,
-        "truncated": truncated,
-        "retokenized": retokenized,
-    }
+        columns["input_ids"].append(ids)
+        columns["labels"].append(labels)
+        columns["length"].append(len(ids))
+        columns["source"].append(source)
+        kept_rows.add(id(row))
+        counts.samples += 1
+        counts.split_samples += is_split
+        counts.truncated += truncated
+        counts.retokenized += retokenized
+        counts.total_tokens += len(ids)
+        counts.supervised_tokens += supervised
+    counts.rows_kept = len(kept_rows)
+    return EncodedChunk(columns, counts, rejects)
 
 
 def reason_kind(reason: str) -> str:
     """A reject reason without its row-specific details, for counting: 'empty response', 'missing key ...'."""
-    kind = re.split(r"[;:]", reason, maxsplit=1)[0].strip()
+    depth, cut = 0, len(reason)
+    for position, char in enumerate(reason):  # the first ':' or ';' outside brackets ends the kind
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if depth == 0 and char in ":;":
+            cut = position
+            break
+    kind = reason[:cut].strip()
     return re.sub(r"\[\d+\]", "[i]", re.sub(r"message \d+", "message i", kind))
-
-
-@dataclass
-class SplitResult:
-    """An encoded split: the kept rows, the report counts and the rejected rows."""
-
-    dataset: "datasets.Dataset"  # columns input_ids, labels, length, source
-    report: dict
-    rejects: list[dict]  # {"source", "reason", "row"}
-
-
-CHUNK_ROWS = 2048  # rows per unit of work handed to a worker; small enough for a smooth progress bar
-
-
-def _encode_chunk(state: dict, start: int, end: int):
-    """Encode rows[start:end] of the split into an Arrow table (runs in the main process or a worker)."""
-    import pyarrow as pa
-
-    columns = state["columns"]
-    parts = []
-    for batch_start in range(start, end, 512):
-        batch_end = min(end, batch_start + 512)
-        batch = {name: values[batch_start:batch_end] for name, values in columns.items()}
-        out = encode_rows(batch, state["files"], state["template"], state["backend"], state["settings"])
-        parts.append(pa.table({
-            "input_ids": pa.array(out["input_ids"], type=pa.list_(pa.int32())),
-            "labels": pa.array(out["labels"], type=pa.list_(pa.int32())),
-            "length": pa.array(out["length"], type=pa.int32()),
-            "source": pa.array(out["source"], type=pa.string()),
-            "status": pa.array(out["status"], type=pa.string()),
-            "truncated": pa.array(out["truncated"], type=pa.bool_()),
-            "retokenized": pa.array(out["retokenized"], type=pa.bool_()),
-        }))
-    return pa.concat_tables(parts)
-
-
-_WORKER_STATE: dict = {}
-
-
-def _init_worker(state: dict) -> None:
-    # With the fork start method the state is inherited, not pickled: the tokenizer is not copied per task.
-    _WORKER_STATE.update(state)
-
-
-def _encode_chunk_in_worker(bounds: tuple[int, int]) -> bytes:
-    import pyarrow as pa
-
-    table = _encode_chunk(_WORKER_STATE, *bounds)
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def encode_split(files: list[str], template: ChatTemplate, tokenizer, settings: EncodeSettings,
-                 num_workers: int = 1, desc: str = "Encoding") -> SplitResult:
-    """Read, map, render and tokenize every row of ``files`` with ``num_workers`` processes.
-
-    Workers are forked processes that each encode contiguous chunks of rows and send back Arrow
-    tables; the output keeps the input order. (datasets.map with num_proc was measured here to gain
-    only 1.2x from a second process, against 2.2x for this pool; see bench/encode.py.)
-    """
-    import multiprocessing
-    import os
-
-    import datasets
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    from tqdm.auto import tqdm
-
-    from sft.data import check_keys, read_rows
-
-    skip = settings.on_bad_sample == "skip"
-    columns = {"file_index": [], "row": [], "line": [], "text": []}
-    rejects: list[dict] = []
-    for file_index, path in enumerate(files):
-        rows, malformed = read_rows(path, skip_malformed=skip)
-        check_keys(path, rows, settings.mapping)
-        for raw, reason in malformed:
-            rejects.append({"source": f"{path}:{raw.row}", "reason": reason, "row": raw.text})
-        for raw in rows:
-            columns["file_index"].append(file_index)
-            columns["row"].append(raw.row)
-            columns["line"].append(raw.line)
-            columns["text"].append(raw.text)
-    count = len(columns["text"])
-    rows_read = count + len(rejects)
-    state = {"columns": columns, "files": files, "template": template, "backend": tokenizer.backend_tokenizer,
-             "settings": settings}
-    chunks = [(start, min(count, start + CHUNK_ROWS)) for start in range(0, count, CHUNK_ROWS)]
-    workers = max(1, min(num_workers, len(chunks)))
-    tables = []
-    with tqdm(total=count, desc=desc, unit=" rows", disable=count == 0) as progress:
-        if workers == 1:
-            for start, end in chunks:
-                tables.append(_encode_chunk(state, start, end))
-                progress.update(end - start)
-        else:
-            # One tokenizer thread per worker: Rust threads inside every worker would only fight for cores.
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"
-            context = multiprocessing.get_context("fork")
-            with context.Pool(workers, initializer=_init_worker, initargs=(state,)) as pool:
-                for (start, end), payload in zip(chunks, pool.imap(_encode_chunk_in_worker, chunks)):
-                    tables.append(pa.ipc.open_stream(payload).read_all())
-                    progress.update(end - start)
-    table = pa.concat_tables(tables) if tables else None
-
-    status = table.column("status").to_pylist() if table is not None else []
-    dropped: dict[str, int] = {}
-    for index, value in enumerate(status):
-        if value == KEPT:
-            continue
-        if value.startswith("dropped:"):
-            reason = value.split(":", 1)[1]
-            dropped[reason] = dropped.get(reason, 0) + 1
-        else:
-            rejects.append({"source": f"{files[columns['file_index'][index]]}:{columns['row'][index]}",
-                            "reason": value.split(":", 1)[1], "row": columns["text"][index]})
-    rejected: dict[str, int] = {}
-    for reject in rejects:
-        kind = reason_kind(reject["reason"])
-        rejected[kind] = rejected.get(kind, 0) + 1
-    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                        ("length", pa.int32()), ("source", pa.string())])
-    if table is None:
-        kept_table = schema.empty_table()
-        truncated = retokenized = 0
-    else:
-        mask = pc.equal(table.column("status"), KEPT)
-        truncated = int(pc.sum(pc.and_(mask, table.column("truncated"))).as_py() or 0)
-        retokenized = int(pc.sum(pc.and_(mask, table.column("retokenized"))).as_py() or 0)
-        kept_table = table.filter(mask).select(schema.names)
-    kept = datasets.Dataset(datasets.table.InMemoryTable(kept_table.combine_chunks()))
-    lengths = kept_table.column("length").to_numpy() if len(kept) else np.zeros(0, dtype=np.int64)
-    supervised = 0
-    if len(kept):
-        flat = pc.list_flatten(kept_table.column("labels"))
-        supervised = int(pc.sum(pc.not_equal(flat, IGNORE_INDEX)).as_py() or 0)
-    total = int(lengths.sum())
-    report = {
-        "rows_read": rows_read,
-        "kept": len(kept),
-        "dropped": dict(sorted(dropped.items())),
-        "rejected": dict(sorted(rejected.items())),
-        "truncated": truncated,
-        "retokenized_at_boundary": retokenized,
-        "total_tokens": total,
-        "supervised_tokens": supervised,
-        "supervised_fraction": round(supervised / total, 4) if total else 0.0,
-        "length_percentiles": {
-            f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)
-        } | {"max": int(lengths.max())} if len(lengths) else {},
-    }
-    return SplitResult(kept, report, rejects)

@@ -17,6 +17,10 @@ rest that fills it most, by subset sum). It stops as soon as it reaches the Mart
 and keeps whichever packing has fewer rows. ``pack_greedy`` keeps the samples' order. All are
 deterministic: equal lengths are taken in index order, and among equally full rows the oldest is filled
 first.
+
+Only ``packed_collate`` needs torch, and imports it when called: scripts/encode.py and scripts/pack.py
+import this module (for PackingError and build_packed) and so never load torch, a second or more of
+their start-up.
 """
 
 from __future__ import annotations
@@ -24,15 +28,15 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+from typing import TYPE_CHECKING
 
-import torch
+from sft.errors import IGNORE_INDEX, UserError
 
-from sft.collate import pad_collate
+if TYPE_CHECKING:
+    import torch
 
-IGNORE_INDEX = -100
 
-
-class PackingError(ValueError):
+class PackingError(UserError):
     """Samples or a model setup that cannot be packed (a sample longer than a row, a backend that mixes samples)."""
 
 
@@ -234,6 +238,10 @@ def packed_row(samples: list[dict]) -> dict[str, list[int]]:
 
 def packed_collate(rows: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Stack packed rows, right-padded with a padding 'sample' (positions from 0, labels -100); no attention mask."""
+    import torch
+
+    from sft.collate import pad_collate
+
     batch = pad_collate(rows, pad_id, pad_to_multiple_of)
     mask = batch.pop("attention_mask")
     longest = mask.shape[1]

@@ -96,7 +96,7 @@ def build_accelerator(config: SFTConfig):
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(config))
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[config.sft_train.model_args.dtype]
     tracking = config.track_with if config.track_with != "none" else None
-    log_dir = config.tracker_kwargs.get("log_dir", os.path.join(config.logging_dir, "tensorboard"))
+    log_dir = config.tracker_kwargs.get("log_dir", os.path.join(config.logs_dir(), "tensorboard"))
     if strategy == "fsdp2_train":
         mixed = "no"  # FSDP2 casts through its own MixedPrecisionPolicy (see SFTWorker._shard)
     if plugin is not None and not on_gpu:

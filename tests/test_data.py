@@ -1,11 +1,13 @@
-"""Guarantee 7: bad input gets a clear error naming file, row and reason, or is counted and written out."""
+"""Guarantee 7 through the encoder: bad input gets a clear error naming file, row and reason, or is counted and
+written out. (Mapping single rows: test_conversation.py; reading files and datasets: test_sources.py.)"""
 
 import json
 
 import pytest
 
-from sft.data import BadSample, DataError, FieldMapping, check_keys, conversation_from_row, read_rows
-from sft.encoding import EncodeError, EncodeSettings, encode_split
+from sft.data import FieldMapping
+from sft.encoding import EncodeError, EncodeSettings
+from sft.pipeline import encode_split
 from sft.templates import TemplateError, get_template
 from tests.conftest import shared_path
 
@@ -21,95 +23,6 @@ def write(tmp_path, name, text):
 def encode(paths, tokenizer, template="chatml", mapping=FieldMapping(), **settings):
     return encode_split(paths, get_template(template, tokenizer), tokenizer,
                         EncodeSettings(mapping, sequence_length=settings.pop("sequence_length", 4096), **settings))
-
-
-# ----- reading files -------------------------------------------------------------------------------
-
-def test_json_array_and_jsonl_read_with_rows_and_lines(tmp_path):
-    rows, _ = read_rows(write(tmp_path, "a.json", '[\n  {"a": 1},\n  {"a": [1,\n 2]}, {"a": 3}\n]\n'))
-    assert [(r.row, r.line) for r in rows] == [(1, 2), (2, 3), (3, 4)]
-    assert json.loads(rows[1].text) == {"a": [1, 2]}
-    rows, _ = read_rows(write(tmp_path, "b.jsonl", '{"a": 1}\n\n{"a": 2}\n'))
-    assert [(r.row, r.line) for r in rows] == [(1, 1), (2, 3)]
-
-
-@pytest.mark.parametrize("name, text, message", [
-    ("bad.jsonl", '{"a": 1}\n{"a": 2,}\n', r"bad\.jsonl line 2: malformed JSON"),
-    ("bad.jsonl", '{"a": 1}\n[1, 2]\n', r"bad\.jsonl line 2: the record is a JSON list"),
-    ("bad.json", '[{"a": 1},\n {"a": }\n]', r"bad\.json line 2 column 8: malformed JSON in row 2"),
-    ("bad.json", '[{"a": 1}\n {"a": 2}]', r"bad\.json line 2: malformed JSON after row 1: expected ',' or ']'"),
-    ("bad.json", '{"a": 1}\n{"a": 2}\n', r"expected a JSON array of row objects \(one object per line\? name the file \.jsonl\)"),
-    ("bad.json", '[1, 2]', r"bad\.json row 1 \(line 1\): the record is a JSON int"),
-    ("bad.json", '', r"the file is empty"),
-    ("bad.json", '[{"a": 1}] extra', r"unexpected text after the closing"),
-])
-def test_malformed_files_name_file_and_line(tmp_path, name, text, message):
-    with pytest.raises(DataError, match=message):
-        read_rows(write(tmp_path, name, text))
-
-
-def test_malformed_jsonl_lines_can_be_skipped(tmp_path):
-    rows, rejected = read_rows(write(tmp_path, "x.jsonl", '{"a": 1}\nnot json\n{"a": 2}\n'), skip_malformed=True)
-    assert len(rows) == 2 and len(rejected) == 1
-    assert rejected[0][0].line == 2 and "malformed JSON" in rejected[0][1]
-
-
-def test_a_key_no_row_has_lists_the_keys_and_the_field(tmp_path):
-    path = write(tmp_path, "q.json", json.dumps([{"question": "a", "answer": "b"}]))
-    rows, _ = read_rows(path)
-    with pytest.raises(DataError, match=r"q\.json: no row has the key 'instruction' named by prompt_key; "
-                                        r"the rows have keys: answer, question\. Set prompt_key"):
-        check_keys(path, rows, FieldMapping())
-    check_keys(path, rows, FieldMapping(prompt_key="question", response_key="answer", query_key=None))
-
-
-# ----- mapping rows --------------------------------------------------------------------------------
-
-def test_single_turn_mapping_follows_the_seed():
-    mapping = FieldMapping(system_key="system")
-    messages, trained = conversation_from_row({"system": "Be brief.", "instruction": "Add", "input": "1+1", "output": "2"}, mapping)
-    assert messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add\n1+1"},
-                        {"role": "assistant", "content": "2"}]
-    assert trained == [False, False, True]
-    messages, _ = conversation_from_row({"instruction": "Hi", "input": "", "output": "Hello"}, FieldMapping())
-    assert messages[0] == {"role": "user", "content": "Hi"}  # an empty query adds no newline
-
-
-def test_multi_turn_openai_and_sharegpt_rows():
-    openai = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
-                           {"role": "assistant", "content": "A1", "weight": 1}, {"role": "user", "content": "U2"},
-                           {"role": "assistant", "content": [{"type": "text", "text": "A"}, {"type": "text", "text": "2"}]}]}
-    messages, trained = conversation_from_row(openai, MULTI)
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
-    assert messages[-1]["content"] == "A2" and trained == [False, False, True, False, True]
-    _, trained = conversation_from_row(openai, MULTI, loss_on_turns="last")
-    assert trained == [False, False, False, False, True]
-    sharegpt = {"conversations": [{"from": "gpt", "value": "orphan"}, {"from": "human", "value": "Q"},
-                                  {"from": "gpt", "value": "A"}], "id": "x"}
-    messages, trained = conversation_from_row(sharegpt, FieldMapping(messages_key="conversations"))
-    assert [m["role"] for m in messages] == ["assistant", "user", "assistant"]
-    assert trained == [False, False, True]  # an assistant turn with no prompt before it is context
-
-
-@pytest.mark.parametrize("row, mapping, reason", [
-    ({"instruction": "a", "input": None, "output": "b"}, FieldMapping(), r"field 'input' \(query_key\) is null"),
-    ({"instruction": 5, "input": "", "output": "b"}, FieldMapping(), r"field 'instruction' \(prompt_key\) is a int"),
-    ({"instruction": "a", "input": "", "output": "  "}, FieldMapping(), r"empty response"),
-    ({"instruction": "a", "output": "b"}, FieldMapping(), r"missing key 'input' \(query_key\); this row has keys: instruction, output"),
-    ({"messages": []}, MULTI, r"empty conversation"),
-    ({"messages": None}, MULTI, r"'messages' \(messages_key\) is null"),
-    ({"messages": [{"role": "user", "content": "q"}]}, MULTI, r"no assistant turn"),
-    ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}, MULTI, r"no assistant turn follows a user turn"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}]}, MULTI, r"messages\[1\]\.role is 'robot'"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]}, MULTI, r"messages\[1\]\.content is null"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}, MULTI, r"empty response"),
-    ({"messages": [{"speaker": "user", "text": "q"}]}, MULTI, r"neither 'role' \(OpenAI\) nor 'from' \(ShareGPT\)"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}, {"role": "assistant", "content": "a"}]},
-     MULTI, r"non-text part"),
-])
-def test_bad_rows_say_why(row, mapping, reason):
-    with pytest.raises(BadSample, match=reason):
-        conversation_from_row(row, mapping)
 
 
 # ----- policies through the encoder ----------------------------------------------------------------
@@ -137,8 +50,8 @@ def test_skip_counts_and_keeps_every_rejected_row(tmp_path, byte_tokenizer):
     assert report["rejected"] == {"empty response": 1, "field 'input' (query_key) is null": 1}
     assert report["dropped"] == {"no supervised token left after truncation": 1}
     assert report["kept"] == 2 and report["truncated"] == 1
-    assert sorted(r["source"].rsplit(":", 1)[1] for r in result.rejects) == ["2", "3"]
-    assert json.loads(result.rejects[0]["row"]) == ROWS[1]
+    assert sorted(r["source"].rsplit(":", 1)[1] for r in result.rejected_rows()) == ["2", "3"]
+    assert json.loads(result.rejected_rows()[0]["row"]) == ROWS[1]
     assert all(length <= 256 for length in result.dataset["length"])
 
 
@@ -167,7 +80,7 @@ def test_openai_toy_file_flaws_are_reported(tmp_path, byte_tokenizer):
     result = encode([path], byte_tokenizer, mapping=MULTI, sequence_length=2048, on_bad_sample="skip")
     assert result.report["rows_read"] == 5 and result.report["kept"] == 4
     assert result.report["truncated"] == 1  # the 26,000-character reply
-    assert [r["source"].rsplit(":", 1)[1] for r in result.rejects] == ["4"]
+    assert [r["source"].rsplit(":", 1)[1] for r in result.rejected_rows()] == ["4"]
 
 
 def test_a_template_that_breaks_the_prefix_rule_is_an_error(tmp_path, byte_tokenizer):
@@ -181,7 +94,7 @@ def test_a_template_that_breaks_the_prefix_rule_is_an_error(tmp_path, byte_token
     )
     path = write(tmp_path, "rows.json", json.dumps([ROWS[0]]))
     with pytest.raises(EncodeError, match=r"rows\.json row 1 \(line 1\): template native: the prompt render before "
-                                          r"assistant message 1 is not a prefix of the full render"):
+                                          r"assistant message 1 is not a prefix of the render through it"):
         encode([path], tokenizer, template="native", on_bad_sample="skip")
 
 
@@ -199,7 +112,7 @@ def test_a_template_that_refuses_a_conversation_is_a_bad_sample(tmp_path, byte_t
     path = write(tmp_path, "rows.jsonl", "\n".join(json.dumps(r) for r in rows))
     result = encode([path], tokenizer, template="native", mapping=MULTI, on_bad_sample="skip")
     assert result.report["kept"] == 1
-    assert "System role not supported" in result.rejects[0]["reason"]
+    assert "System role not supported" in result.rejected_rows()[0]["reason"]
 
 
 def test_a_response_merged_across_the_prompt_edge_is_retokenized_exactly(tmp_path):
@@ -211,7 +124,7 @@ def test_a_response_merged_across_the_prompt_edge_is_retokenized_exactly(tmp_pat
     path = write(tmp_path, "rows.json", json.dumps(rows))
     result = encode([path], tokenizer, template="chatml")
     assert result.report["retokenized_at_boundary"] == 1
-    assert check_encoded(result.dataset, [path], FieldMapping(), "chatml", tokenizer) == 2
+    assert check_encoded(result.dataset, [path], FieldMapping(), "chatml", tokenizer).rows == 2
 
 
 def test_a_template_needing_eos_refuses_a_tokenizer_without_one(byte_tokenizer):

@@ -104,7 +104,7 @@ def test_real_tokenizer_and_workers(tmp_path):
     config.write_text(f"pretrain: {tokenizer}\noutput_dir: {tmp_path}\nsequence_length: 512\n"
                       f"sft_train:\n  data_args:\n    file_name: {data}\n    preprocessing_num_workers: 2\n")
     result = run_encode("--config_path", str(config), "--out", str(tmp_path / "enc"))
-    assert "[train] rows read 999 | kept 999 | truncated" in result.stdout
+    assert "[train] rows read 999 | kept 999 | samples 999 (split 0) | truncated" in result.stdout
     assert "length p50" in result.stdout and "supervised" in result.stdout
 
 

@@ -3,7 +3,8 @@
 import pytest
 
 from sft.data import FieldMapping
-from sft.encoding import EncodeSettings, encode_split
+from sft.encoding import EncodeSettings
+from sft.pipeline import encode_split
 from sft.templates import get_template
 from tests.conftest import real_tokenizer, shared_path
 from tests.labelcheck import check_encoded
@@ -31,9 +32,10 @@ def test_every_label_of_every_row_is_exact(tokenizer_name, template, dataset):
     result = encode_split([path], get_template(template, tokenizer), tokenizer, settings)
     assert result.report["truncated"] == 0
     checked = check_encoded(result.dataset, [path], mapping, template, tokenizer)
-    assert checked == result.report["kept"]
+    assert (checked.rows, checked.samples, checked.split_samples) == (
+        result.report["kept"], result.report["samples"], result.report["split_samples"])
     rows_read, kept = EXPECTED_COUNTS[dataset]
-    assert (result.report["rows_read"], checked) == (rows_read, kept)
+    assert (result.report["rows_read"], checked.rows) == (rows_read, kept)
 
 
 # Rows read and kept. sharegpt: 7 empty conversations, 2 with no assistant turn, 10 whose only assistant
@@ -53,7 +55,7 @@ def test_exact_labels_on_local_byte_tokenizer(byte_tokenizer, template, dataset)
     settings = EncodeSettings(mapping, sequence_length=10**7, on_bad_sample="skip")
     result = encode_split([path], get_template(template, byte_tokenizer), byte_tokenizer, settings)
     name = "chatml" if template == "native" else template  # the byte tokenizer's own template is ChatML
-    assert check_encoded(result.dataset, [path], mapping, name, byte_tokenizer) == result.report["kept"] > 900
+    assert check_encoded(result.dataset, [path], mapping, name, byte_tokenizer).rows == result.report["kept"] > 900
 
 
 @pytest.mark.parametrize("tokenizer_name, template", [("qwen3", "native"), ("llama3", "llama3")])
@@ -79,5 +81,5 @@ def test_tool_call_conversations(tokenizer_name, template):
     result = encode_split([path], get_template(template, tokenizer), tokenizer,
                           EncodeSettings(mapping, sequence_length=10**7, on_bad_sample="skip"))
     assert result.report["rows_read"] == 300
-    assert check_encoded(result.dataset, [path], mapping, template, tokenizer) == result.report["kept"]
+    assert check_encoded(result.dataset, [path], mapping, template, tokenizer).rows == result.report["kept"]
     assert result.report["kept"] >= 290, result.report
