@@ -28,7 +28,8 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 def dataset_lengths(tokenizer) -> dict[str, list[int]]:
     from sft.data import FieldMapping
-    from sft.encoding import EncodeSettings, encode_split
+    from sft.encoding import EncodeSettings
+    from sft.pipeline import encode_split
     from sft.templates import get_template
 
     template = get_template("qwen2_5", tokenizer)
