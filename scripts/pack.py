@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sft.cli import run_script  # noqa: E402
 from sft.config import SFTConfig  # noqa: E402
-from sft.dataset import build_encoded  # noqa: E402
+from sft.dataset import META_FILE, build_encoded, read_meta  # noqa: E402
 from sft.packing import build_packed, format_packing_report  # noqa: E402
 
 
@@ -47,6 +47,10 @@ def main(config: SFTConfig, options: PackOptions) -> str:
     with open(os.path.join(staging, "pack_meta.json"), "w", encoding="utf-8") as handle:
         json.dump({"source": source, "sequence_length": config.sequence_length,
                    "strategy": data.packing_strategy, "report": report}, handle, indent=2)
+    # The source's encode meta goes along, so a run given this folder can check how it was encoded.
+    meta = read_meta(source) or {}
+    with open(os.path.join(staging, META_FILE), "w", encoding="utf-8") as handle:
+        json.dump({**meta, "packed_sequence_length": config.sequence_length, "packed_from": source}, handle, indent=2)
     shutil.rmtree(out, ignore_errors=True)
     os.rename(staging, out)
     print(format_packing_report(report))

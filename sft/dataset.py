@@ -111,6 +111,43 @@ def read_meta(directory: str) -> Optional[dict]:
         return None
 
 
+def check_encoded_folder(config: SFTConfig, folder: str, tokenizer) -> dict:
+    """The encode_meta.json of an ``encoded_path`` folder, checked against this run: the tokenizer, the template,
+    sequence_length, the field mapping and the label settings it was encoded with must be this run's.
+
+    A folder from scripts/pack.py carries its source's encode_meta.json and its packing sequence_length.
+    Raises ConfigError listing every difference.
+    """
+    meta = read_meta(folder)
+    if meta is None:
+        raise ConfigError(f"sft_train.data_args.encoded_path: {folder} has no {META_FILE} (or an unreadable one): "
+                          "it was not written by scripts/encode.py or scripts/pack.py, so nothing says how it was encoded")
+    recorded = meta.get("inputs", {})
+    settings = encode_settings(config)
+    ours = {"tokenizer": tokenizer_fingerprint(tokenizer), "template": config.template_name(),
+            "sequence_length": settings.sequence_length, "mapping": dataclasses.asdict(settings.mapping),
+            "loss_on_turns": settings.loss_on_turns, "train_on_reasoning": settings.train_on_reasoning}
+    packed_at = meta.get("packed_sequence_length")
+    if packed_at is not None:
+        recorded = {**recorded, "sequence_length": packed_at}
+    differences = []
+    for name, value in ours.items():
+        if recorded.get(name) != value:
+            if name == "tokenizer":
+                differences.append(f"tokenizer: the folder's was another ({meta.get('pretrain')}), this run's is {config.pretrain}")
+            elif name == "mapping":
+                changed = sorted(key for key in value if recorded.get(name, {}).get(key) != value[key])
+                differences.append("field mapping: " + ", ".join(
+                    f"{key} {recorded.get(name, {}).get(key)!r} there, {value[key]!r} here" for key in changed))
+            else:
+                differences.append(f"{name}: {recorded.get(name)!r} there, {value!r} here")
+    if differences:
+        raise ConfigError(f"sft_train.data_args.encoded_path: {folder} was encoded differently from this run: "
+                          + "; ".join(differences) + ". Re-encode with scripts/encode.py (and pack.py), or change the "
+                          "run's settings to match")
+    return meta
+
+
 def build_encoded(config: SFTConfig, out_dir: Optional[str] = None, tokenizer=None, log=print) -> tuple[str, dict, bool]:
     """Encode every split of ``config`` into ``out_dir`` (default under output_dir), or reuse a matching cache.
 

@@ -117,3 +117,32 @@ def test_pack_refuses_samples_longer_than_its_rows_in_one_line(setup):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "error: a sample of" in result.stderr and "does not fit a row of 64" in result.stderr
     assert not (tmp_path / "packed").exists()
+
+
+def test_an_encoded_folder_is_checked_against_the_run(setup):
+    """Issue 10 item 7: a folder given as encoded_path must have been encoded the way this run would encode."""
+    from sft.config import ConfigError, load_config
+    from sft.dataset import check_encoded_folder, load_tokenizer
+
+    tmp_path, config = setup
+    out = tmp_path / "enc"
+    run_encode("--config_path", config, "--out", str(out))
+    packed = tmp_path / "packed"
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "pack.py"), "--config_path", config,
+                    "--sft_train.data_args.encoded_path", str(out), "--out", str(packed)], check=True, cwd=ROOT,
+                   capture_output=True)
+
+    def check(folder, *overrides):
+        run = load_config(config, list(overrides))
+        return check_encoded_folder(run, str(folder), load_tokenizer(run.pretrain))
+
+    assert check(out)["cache_key"] and check(packed)["packed_sequence_length"] == 160
+    with pytest.raises(ConfigError, match=r"encoded_path: .*enc was encoded differently from this run: template: "
+                                          r"'chatml' there, 'native' here; sequence_length: 160 there, 200 here"):
+        check(out, "--sft_train.data_args.template", "native", "--sequence_length", "200")
+    with pytest.raises(ConfigError, match=r"sequence_length: 160 there, 128 here"):
+        check(packed, "--sequence_length", "128")
+    with pytest.raises(ConfigError, match=r"field mapping: prompt_key 'instruction' there, 'question' here"):
+        check(out, "--prompt_key", "question")
+    with pytest.raises(ConfigError, match=r"has no encode_meta\.json"):
+        check(tmp_path)
