@@ -2,7 +2,7 @@
 
     <output_dir>/sft_train/checkpoint-<step>/            renamed into place only when complete
         COMPLETE                                         marker, written before the rename
-        trainer_state.json                               step, epoch, position, metrics
+        run_state.json                                   the run state (sft/runstate.py), checked on resume
         <cluster_name>/                                  HF model: safetensors, config, tokenizer, chat template
         training_state/                                  optimizer, RNG states per rank (accelerate save_state);
                                                          weights only under DeepSpeed (else resumed from the HF model)
@@ -20,9 +20,17 @@ import shutil
 from typing import Optional
 
 from sft.config import ConfigError
+from sft.errors import UserError
 
 COMPLETE = "COMPLETE"
-STATE_FILE = "trainer_state.json"
+STATE_FILE = "run_state.json"
+TRAINING_STATE = "training_state"
+
+
+class CheckpointError(UserError):
+    """A checkpoint folder is incomplete, from another model or from an older version of this toolkit."""
+
+
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -101,7 +109,12 @@ def finish(output_dir: str, step: int, state: dict) -> str:
 
 
 def read_state(checkpoint: str) -> dict:
-    with open(os.path.join(checkpoint, STATE_FILE), encoding="utf-8") as handle:
+    """The run state a checkpoint was saved with (as written by ``finish``)."""
+    path = os.path.join(checkpoint, STATE_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {checkpoint} has no {STATE_FILE} (written by an older version): its layout "
+                              "and data cannot be checked; start a new run from its model (pretrain: the folder in it)")
+    with open(path, encoding="utf-8") as handle:
         return json.load(handle)
 
 

@@ -20,7 +20,6 @@ from typing import Any, Optional
 from sft.errors import UserError
 
 TEMPLATES = ("native", "qwen2_5", "qwen3", "chatml", "llama3", "base", "empty", "alpaca")
-STRATEGIES = ("ddp_train", "deepspeed_train", "fsdp2_train")
 OVERLONG_POLICIES = ("truncate", "drop", "error")
 BAD_SAMPLE_POLICIES = ("error", "skip")
 LOSS_ON_TURNS = ("all", "last")
@@ -231,6 +230,9 @@ class SFTConfig:
     """Metrics tracker: tensorboard or none."""
     tracker_kwargs: dict = _mapping_field()
     """Tracker options, e.g. {log_dir: ./output/tensorboard}."""
+    resume_accept_changes: list[str] = field(default_factory=list)
+    """What a resume may find changed since its checkpoint, of: data, tokenizer, template, sequence_length, packing
+    (otherwise such a resume is refused, naming what changed)."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for MFU (e.g. 790 for bf16 on an H100 here); 0: known GPUs only."""
     cluster_name: str = "sft_train"
@@ -268,23 +270,17 @@ class SFTConfig:
         _check_choice("sft_train.model_args.attn_implementation", self.sft_train.model_args.attn_implementation,
                       ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"))
         args = self.sft_train.training_args
-        _check_choice("sft_train.training_args.lr_scheduler_type", args.lr_scheduler_type, ("cosine", "linear", "constant"))
+        # Choices owned by the modules that implement them (torch-free at import; sft.strategies imports this module).
+        from sft.runstate import ACCEPTABLE_CHANGES
+        from sft.schedule import SCHEDULES
+        from sft.strategies import check_strategy_args
+
+        _check_choice("sft_train.training_args.lr_scheduler_type", args.lr_scheduler_type, SCHEDULES)
         _check_choice("sft_train.training_args.on_nan", args.on_nan, ("error", "skip"))
-        strategy = self.sft_train.strategy_args.strategy_name
-        if strategy == "megatron_train":
-            raise ConfigError(
-                "sft_train.strategy_args.strategy_name: megatron_train is not supported by this toolkit "
-                "(it runs on Accelerate); use deepspeed_train with strategy_config {zero_stage: 3} "
-                "for a model that does not fit with ddp_train."
-            )
-        _check_choice("sft_train.strategy_args.strategy_name", strategy, STRATEGIES)
-        if strategy == "deepspeed_train" and args.on_nan == "skip":
-            raise ConfigError("sft_train.training_args.on_nan: skip is not supported with deepspeed_train "
-                              "(DeepSpeed steps inside backward); use error")
-        if strategy == "deepspeed_train":
-            stage = self.sft_train.strategy_args.strategy_config.get("zero_stage", 2)
-            if stage not in (0, 1, 2, 3) and "deepspeed_config" not in self.sft_train.strategy_args.strategy_config:
-                raise ConfigError(f"sft_train.strategy_args.strategy_config.zero_stage: must be 0-3, got {stage!r}")
+        strategy = self.sft_train.strategy_args
+        check_strategy_args(strategy.strategy_name, strategy.strategy_config, args.on_nan)
+        for change in self.resume_accept_changes:
+            _check_choice("resume_accept_changes", change, ACCEPTABLE_CHANGES)
         _check_choice("track_with", self.track_with, ("tensorboard", "none"))
         positive = {
             "sequence_length": self.sequence_length,

@@ -6,11 +6,39 @@ micro-batch m of rank r is its slice [(m*world + r)*micro_batch : +micro_batch]:
 
     order   a b c d e f g h | i j k l ...     G = 8 (world 2, micro 2, accumulation 2)
     step 0  m0: r0 a b  r1 c d   m1: r0 e f  r1 g h
+
+A step takes the same G samples whatever the layout, so a run resumed with another process count and the
+same G continues at the same sample.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from sft.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a global batch is split: processes x micro-batch x accumulation steps."""
+
+    processes: int
+    micro_batch: int
+    accumulation: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.processes * self.micro_batch * self.accumulation
+
+    def steps_per_epoch(self, num_samples: int) -> int:
+        """Whole optimizer steps in an epoch of ``num_samples``; at least one, or a ConfigError."""
+        if num_samples < self.global_batch:
+            raise ConfigError(f"sft_train.training_args.per_device_train_batch_size: {num_samples} training samples are "
+                              f"fewer than one global batch of {self.global_batch} ({self.processes} processes x "
+                              "per_device_train_batch_size x gradient_accumulation_steps)")
+        return steps_per_epoch(num_samples, self.global_batch)
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -20,20 +48,18 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -
     return np.random.default_rng([seed, epoch]).permutation(num_samples)
 
 
-def steps_per_epoch(num_samples: int, world: int, micro_batch: int, accumulation: int) -> int:
+def steps_per_epoch(num_samples: int, global_batch: int) -> int:
     """Whole optimizer steps in an epoch; the remainder (< one global batch) waits for the next epoch's order."""
-    return num_samples // (world * micro_batch * accumulation)
+    return num_samples // global_batch
 
 
-def step_micro_batches(order: np.ndarray, step: int, rank: int, world: int, micro_batch: int,
-                       accumulation: int) -> list[list[int]]:
+def step_micro_batches(order: np.ndarray, step: int, rank: int, layout: Layout) -> list[list[int]]:
     """Sample indices of each micro-batch that ``rank`` runs in optimizer step ``step`` of this epoch."""
-    global_batch = world * micro_batch * accumulation
-    window = order[step * global_batch:(step + 1) * global_batch]
+    window = order[step * layout.global_batch:(step + 1) * layout.global_batch]
     batches = []
-    for micro in range(accumulation):
-        start = (micro * world + rank) * micro_batch
-        batches.append([int(i) for i in window[start:start + micro_batch]])
+    for micro in range(layout.accumulation):
+        start = (micro * layout.processes + rank) * layout.micro_batch
+        batches.append([int(i) for i in window[start:start + layout.micro_batch]])
     return batches
 
 

@@ -123,9 +123,20 @@ def weights(out, step):
     return load_file(os.path.join(str(out), "sft_train", f"checkpoint-{step}", "sft_train", "model.safetensors"))
 
 
-def losses(out):
+def logged(out, tag):
+    """(step, value) of every metrics.jsonl entry with ``tag``, in file order."""
     rows = [json.loads(line) for line in open(os.path.join(str(out), "logs", "metrics.jsonl"))]
-    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+    return [(row["step"], row[tag]) for row in rows if tag in row]
+
+
+def losses(out):
+    return dict(logged(out, "train/loss"))
+
+
+def assert_close_weights(reference, candidate, label):
+    assert reference.keys() == candidate.keys()
+    for name in reference:
+        assert torch.allclose(reference[name], candidate[name], rtol=1e-5, atol=1e-6), (label, name)
 
 
 RESUME_CASES = {
@@ -164,6 +175,10 @@ def test_resume_after_sigkill_is_bitwise_exact(setup, tmp_path, case):
     assert straight.keys() == again.keys()
     for name in straight:
         assert torch.equal(straight[name], again[name]), name
+    # The resumed run's log continues the killed one's: each step once (what the killed run logged after its
+    # checkpoint is dropped), and the counters go on from the checkpoint.
+    assert [step for step, _ in logged(killed, "train/loss")] == list(range(1, 41))
+    assert logged(killed, "train/tokens_seen") == logged(tmp_path / "straight", "train/tokens_seen")
 
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_and_resume_works(setup, tmp_path):
@@ -208,14 +223,22 @@ def test_accumulation_and_ranks_give_the_same_update(setup, tmp_path):
     train(setup, tmp_path / "bs8", *common, "--sft_train.training_args.per_device_train_batch_size", "8")
     train(setup, tmp_path / "ga8", *common, "--sft_train.training_args.per_device_train_batch_size", "1",
           "--sft_train.training_args.gradient_accumulation_steps", "8")
-    train(setup, tmp_path / "ranks", *common, "--sft_train.training_args.per_device_train_batch_size", "4", processes=2)
+    train(setup, tmp_path / "ranks", *common, "--sft_train.training_args.per_device_train_batch_size", "4",
+          "--save_steps", "1", processes=2)
+    # The 2 x 4 run's step-1 checkpoint resumed as 1 x 8: the same global batch, so the same samples per step.
+    layout = ["--resume_from_checkpoint", str(tmp_path / "ranks" / "sft_train" / "checkpoint-1")]
+    resumed = train(setup, tmp_path / "one", *common, *layout, "--sft_train.training_args.per_device_train_batch_size", "8")
+    assert "note: resuming the layout 8 (2 processes" in resumed.stdout + resumed.stderr
     reference = weights(tmp_path / "bs8", 2)
-    for other in ("ga8", "ranks"):
-        candidate = weights(tmp_path / other, 2)
-        for name in reference:
-            assert torch.allclose(reference[name], candidate[name], rtol=1e-5, atol=1e-6), (other, name)
-        for step, loss in losses(tmp_path / "bs8").items():
-            assert losses(tmp_path / other)[step] == pytest.approx(loss, rel=1e-5)
+    for other in ("ga8", "ranks", "one"):
+        assert_close_weights(reference, weights(tmp_path / other, 2), other)
+        for step, loss in losses(tmp_path / other).items():  # "one" logs only the step it trained, 2
+            assert loss == pytest.approx(losses(tmp_path / "bs8")[step], rel=1e-5)
+    # Another global batch (1 x 4) is refused, naming a layout that keeps it.
+    other = train(setup, tmp_path / "half", *common, *layout, "--sft_train.training_args.per_device_train_batch_size", "4",
+                  check=False)
+    assert other.returncode == 1 and "Traceback" not in other.stderr, other.stderr[-3000:]
+    assert "global batch of 8" in other.stderr and "(e.g. gradient_accumulation_steps 2)" in other.stderr
 
 
 FRESH_LOSS = """
@@ -243,8 +266,7 @@ def fresh_process_val_loss(out, step):
     data = glob.glob(os.path.join(str(out), "encoded", "*", "validation"))[0]
     script = FRESH_LOSS.format(root=ROOT, model=os.path.join(checkpoint, "sft_train"), data=data)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    state = json.load(open(os.path.join(checkpoint, "trainer_state.json")))
-    return json.loads(result.stdout.strip().splitlines()[-1]), state["val_loss"]
+    return json.loads(result.stdout.strip().splitlines()[-1]), dict(logged(out, "val/loss"))[step]
 
 
 STRATEGIES = {
@@ -257,8 +279,10 @@ STRATEGIES = {
 }
 
 
-def train_with(setup, out, strategy):
-    train(setup, out, *STRATEGIES[strategy], "--sft_train.training_args.max_steps", "4", processes=2)
+def train_with(setup, out, strategy, processes=2):
+    # 1 process x batch 8 or 2 x 4: the same global batch, so the same samples and losses at each step.
+    train(setup, out, *STRATEGIES[strategy], "--sft_train.training_args.max_steps", "4", "--save_steps", "2",
+          "--sft_train.training_args.per_device_train_batch_size", str(8 // processes), processes=processes)
     return losses(out)
 
 
@@ -268,33 +292,53 @@ def ddp_run(setup, tmp_path_factory):
     return out, train_with(setup, out, "ddp")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp2"])
-def test_strategies_give_the_same_losses_and_loadable_checkpoints(setup, tmp_path, strategy, ddp_run):
+CASES = {"ddp": ("ddp", 2), "zero2": ("zero2", 2), "zero3": ("zero3", 2), "fsdp2": ("fsdp2", 2),
+         "zero2-1-process": ("zero2", 1), "zero3-1-process": ("zero3", 1)}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_strategies_give_the_same_losses_and_loadable_checkpoints(setup, tmp_path, case, ddp_run):
+    strategy, processes = CASES[case]
     reference_out, reference = ddp_run
-    out = reference_out if strategy == "ddp" else tmp_path / strategy
-    got = reference if strategy == "ddp" else train_with(setup, out, strategy)
+    out = reference_out if case == "ddp" else tmp_path / case
+    got = reference if case == "ddp" else train_with(setup, out, strategy, processes)
     assert sorted(got) == [1, 2, 3, 4]
     # The strategy really ran: DeepSpeed keeps its own partitioned checkpoint (Accelerate on CPU would drop it silently).
     state = os.listdir(os.path.join(str(out), "sft_train", "checkpoint-4", "training_state"))
     assert ("pytorch_model" in state) == strategy.startswith("zero"), state
     for step, loss in got.items():
-        assert loss == pytest.approx(reference[step], rel=1e-5), (strategy, step)
-    # Guarantee 6: the saved HF model, loaded in a fresh process, gives the live model's validation loss.
-    fresh, live = fresh_process_val_loss(out, 4)
-    assert fresh == pytest.approx(live, rel=1e-5)
+        assert loss == pytest.approx(reference[step], rel=1e-5), (case, step)
+    if case != "zero2-1-process":
+        # Guarantee 6: the saved HF model, loaded in a fresh process, gives the live model's validation loss.
+        fresh, live = fresh_process_val_loss(out, 4)
+        assert fresh == pytest.approx(live, rel=1e-5)
+    if case in ("fsdp2", "zero2"):
+        # The step-2 checkpoint of 2 processes resumed by one (batch 8): FSDP2 reshards it (DCP) and ends where the
+        # 2-process run ended; DeepSpeed's partitioned state is refused, naming the fix.
+        resumed = train(setup, tmp_path / "one", *STRATEGIES[strategy], "--sft_train.training_args.max_steps", "4",
+                        "--sft_train.training_args.per_device_train_batch_size", "8", "--resume_from_checkpoint",
+                        str(out / "sft_train" / "checkpoint-2"), check=strategy == "fsdp2")
+        if strategy == "fsdp2":
+            assert_close_weights(weights(out, 4), weights(tmp_path / "one", 4), case)
+        else:
+            assert resumed.returncode == 1 and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
+            assert "written by 2 processes under deepspeed_train" in resumed.stderr
+            assert "launch --num_processes 2" in resumed.stderr
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_cleanly(setup, tmp_path):
     root, config = setup
     out = tmp_path / "term"
+    # With a loader worker, and the signal sent to the whole process group as Slurm does: the worker ignores it.
     process = subprocess.Popen(command(config, out, "--sft_train.training_args.max_steps", "100000", "--save_steps", "100000",
-                                       "--eval_steps", "100000"),
-                               cwd=ROOT, env=environment(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                       "--eval_steps", "100000", "--sft_train.training_args.dataloader_num_workers", "1"),
+                               cwd=ROOT, env=environment(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
     metrics = out / "logs" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output[-3000:]
     assert "received SIGTERM" in output
@@ -347,8 +391,8 @@ def test_a_nan_loss_stops_naming_the_step_or_is_skipped(setup, tmp_path, policy)
                    "--sft_train.training_args.max_steps", "4", "--max_grad_norm", "0", check=False)
     output = result.stdout + result.stderr
     if policy == "error":
-        assert result.returncode != 0 and "the loss is NaN or infinite" in output
-        assert "step 2:" in output or "step 3:" in output
+        assert result.returncode == 1 and "Traceback" not in output and "the loss is NaN or infinite" in output
+        assert "error: step 2:" in output or "error: step 3:" in output
     else:
         assert result.returncode == 0, output[-3000:]
         assert "skipped (NaN)" in output
@@ -386,10 +430,39 @@ def test_packing_changes_nothing_but_speed(setup, tmp_path):
         assert losses(tmp_path / other)[1] == pytest.approx(losses(tmp_path / "unpacked")[1], rel=1e-5)
 
 
-def test_resume_under_another_cluster_name_names_the_field(setup, tmp_path):
-    out = tmp_path / "renamed"
-    train(setup, out, "--sft_train.training_args.max_steps", "2", "--save_steps", "2", "--eval_steps", "100")
-    result = train(setup, out, "--sft_train.training_args.max_steps", "4", "--save_steps", "2", "--eval_steps", "100",
-                   "--resume_from_checkpoint", "true", "--cluster_name", "other", check=False)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "error: cluster_name: checkpoint" in result.stderr and "this run's cluster_name is 'other'" in result.stderr
+def test_resume_is_checked_against_the_run_state(setup, tmp_path):
+    """Guarantee 8 end to end, one process: what changed is named, an override accepts it, max_steps raised trains
+    further on the documented schedule, the log goes on from the checkpoint, and a new run starts a new log."""
+    root, config = setup
+    out = tmp_path / "run"
+    two = ["--sft_train.training_args.max_steps", "2", "--save_steps", "2", "--eval_steps", "100"]
+    train(setup, out, *two)
+
+    def refused(*overrides):
+        result = train(setup, out, *two, "--resume_from_checkpoint", "true", *overrides, check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        return result.stderr
+
+    message = refused("--cluster_name", "other")
+    assert "error: cluster_name: checkpoint" in message and "this run's cluster_name is 'other'" in message
+    assert "other sequence_length (96, now 128)" in refused("--sequence_length", "128")
+    other_rows = root / "other.jsonl"
+    other_rows.write_text("\n".join(json.dumps(r) for r in ROWS[2:42]) + "\n")
+    message = refused("--sft_train.data_args.file_name", str(other_rows))
+    assert "trained with other data (" in message and "--resume_accept_changes data" in message
+    # Accepted, and trained further: max_steps 2 -> 4 re-stretches the decay over 4 steps, warmup (2) kept.
+    accepted = train(setup, out, "--sft_train.training_args.max_steps", "4", "--save_steps", "2", "--eval_steps", "100",
+                     "--resume_from_checkpoint", "true", "--sft_train.data_args.file_name", str(other_rows),
+                     "--resume_accept_changes", "data")
+    output = accepted.stdout + accepted.stderr
+    assert "note: accepted a changed data" in output and "note: total steps 2 -> 4" in output
+    from sft.schedule import lr_at
+
+    assert dict(logged(out, "train/lr"))[3] == pytest.approx(lr_at(2, 4, 1e-3, 2, "cosine", 0.0))
+    assert [step for step, _ in logged(out, "train/loss")] == [1, 2, 3, 4]
+    tokens = dict(logged(out, "train/tokens_seen"))
+    assert tokens[1] < tokens[2] < tokens[3] < tokens[4]
+    assert json.load(open(out / "sft_train" / "checkpoint-4" / "run_state.json"))["samples"] == 16
+    # A run that does not resume starts its own metrics.jsonl.
+    train(setup, out, "--sft_train.training_args.max_steps", "1", "--save_steps", "1", "--eval_steps", "100")
+    assert [step for step, _ in logged(out, "train/loss")] == [1]

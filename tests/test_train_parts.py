@@ -9,7 +9,7 @@ import torch
 from sft import checkpoint as ckpt
 from sft.config import ConfigError
 from sft.collate import pad_collate, supervised_count
-from sft.sampler import epoch_order, eval_shard, step_micro_batches, steps_per_epoch
+from sft.sampler import Layout, epoch_order, eval_shard, step_micro_batches, steps_per_epoch
 from sft.schedule import lr_at, warmup_steps_for
 
 
@@ -32,10 +32,10 @@ def test_order_depends_only_on_seed_and_epoch():
 @pytest.mark.parametrize("world, micro, accumulation", [(1, 8, 1), (1, 1, 8), (2, 4, 1), (2, 2, 2)])
 def test_a_step_takes_the_same_samples_whatever_the_layout(world, micro, accumulation):
     order = epoch_order(40, 0, 0)
-    assert steps_per_epoch(40, world, micro, accumulation) == 5
+    layout = Layout(world, micro, accumulation)
+    assert steps_per_epoch(40, layout.global_batch) == 5
     for step in range(5):
-        taken = sorted(i for rank in range(world)
-                       for batch in step_micro_batches(order, step, rank, world, micro, accumulation) for i in batch)
+        taken = sorted(i for rank in range(world) for batch in step_micro_batches(order, step, rank, layout) for i in batch)
         assert taken == sorted(order[step * 8:(step + 1) * 8].tolist())
 
 
@@ -106,24 +106,42 @@ def test_loss_at_supervised_positions_equals_the_full_logits_loss():
         assert torch.allclose(ours_grad, reference_grad, atol=1e-12)
 
 
-def test_deepspeed_config_from_keys_and_from_a_file(tmp_path):
-    from sft.config import load_config
-    from sft.worker import deepspeed_config
-    from tests.conftest import ROOT
+def test_missing_run_state_is_a_checkpoint_error(tmp_path):
+    out = str(tmp_path)
+    os.makedirs(ckpt.staging_dir(out, 2))
+    ckpt.finish(out, 2, {"step": 2})
+    os.remove(os.path.join(ckpt.checkpoint_dir(out, 2), ckpt.STATE_FILE))  # as an older version wrote it
+    with pytest.raises(ckpt.CheckpointError, match="has no run_state.json"):
+        ckpt.read_state(ckpt.checkpoint_dir(out, 2))
 
-    config_path = tmp_path / "run.yaml"
-    config_path.write_text("max_grad_norm: 0.5\nsft_train:\n  strategy_args:\n    strategy_name: deepspeed_train\n"
-                           "    strategy_config: {zero_stage: 3, offload_optimizer: true}\n"
-                           "  training_args: {per_device_train_batch_size: 2, gradient_accumulation_steps: 4}\n")
-    config = load_config(str(config_path), [], check_paths=False)
-    ds = deepspeed_config(config)
-    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (2, 4, 0.5)
-    assert ds["bf16"]["enabled"] is True and ds["zero_force_ds_cpu_optimizer"] is False
-    for name in ("zero2", "zero3", "zero3_offload"):
-        path = os.path.join(ROOT, "configs", "deepspeed", f"{name}.json")
-        config = load_config(str(config_path), ["--sft_train.strategy_args.strategy_config", f"{{deepspeed_config: {path}}}"],
-                             check_paths=False)
-        ds = deepspeed_config(config)
-        assert ds["zero_optimization"]["stage"] in (2, 3) and ds["train_micro_batch_size_per_gpu"] == 2
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_step_is_the_same_whatever_builds_it(packed):
+    """The loader's steps are a pure function of the step: inline or in worker processes, from any first step."""
+    import datasets
+
+    from sft.loader import StepDataset, step_loader
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 12, 24)
+    columns = {"input_ids": [rng.integers(1, 50, n).tolist() for n in lengths]}
+    columns["labels"] = [[-100] + ids[1:] for ids in columns["input_ids"]]
+    if packed:
+        columns["position_ids"] = [list(range(len(ids))) for ids in columns["input_ids"]]
+        columns["num_samples"] = [2] * len(lengths)
+    data = datasets.Dataset.from_dict(columns)
+    dataset = StepDataset(data, Layout(2, 2, 2), rank=1, seed=3, steps_per_epoch=3, pad_id=0)
+    inline = list(step_loader(dataset, 0, 7, num_workers=0))
+    in_workers = list(step_loader(dataset, 2, 7, num_workers=2))
+    assert [batch.step for batch in inline] == list(range(7)) and [batch.step for batch in in_workers] == list(range(2, 7))
+    for ours, theirs in zip(inline[2:], in_workers):
+        assert (ours.tokens, ours.samples, ours.target_tokens, ours.padded_tokens) == \
+               (theirs.tokens, theirs.samples, theirs.target_tokens, theirs.padded_tokens)
+        for a, b in zip(ours.micro_batches, theirs.micro_batches):
+            assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    # Step 4 is step 1 of epoch 1: rank 1's slices of that epoch's order.
+    order = epoch_order(24, 3, 1)
+    expected = step_micro_batches(order, 1, 1, Layout(2, 2, 2))
+    assert inline[4].samples == sum(len(ids) for ids in expected) * (2 if packed else 1)
+    assert inline[4].tokens == sum(int(lengths[i]) for ids in expected for i in ids)
+    assert inline[4].target_tokens == sum(int(lengths[i]) - 1 for ids in expected for i in ids)

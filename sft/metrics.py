@@ -1,0 +1,245 @@
+"""What a step reports, how logged steps are summed, and where the numbers go.
+
+``StepResult`` is one optimizer step summed over all processes (the worker returns it); ``MetricsWindow``
+sums the steps between two log lines and turns them into the logged scalars, token-weighted (the loss of a
+window is its summed token loss over its target tokens, not a mean of step means); ``RunLog`` writes them
+to TensorBoard, ``<logs>/metrics.jsonl`` and ``<logs>/train.log``.
+
+A resumed run continues its own logs: metrics.jsonl keeps the entries up to the checkpoint's step and drops
+those the interrupted run wrote after it (they are trained again), and TensorBoard purges them from its view.
+A run that does not resume starts both files anew, so two runs never mix in one file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from tqdm.auto import tqdm
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, summed over all processes."""
+
+    loss_sum: float
+    """Summed cross-entropy of the step's target tokens."""
+    target_tokens: int
+    tokens: int
+    """Non-pad tokens."""
+    padded_tokens: int
+    """Tokens including padding (batch shape)."""
+    samples: int
+    grad_norm: float
+    lr: float
+    skipped: bool
+    """on_nan: skip dropped this step."""
+    data_seconds: float
+    """Moving the step's batches to the device and counting them across processes."""
+    forward_backward_seconds: float
+    optimizer_seconds: float
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.target_tokens, 1)
+
+
+@dataclass
+class ValResult:
+    loss: float
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class MFU:
+    """Model FLOPs utilisation: the model's FLOPs per trained token against the devices' peak."""
+
+    model_config: object
+    parameters: int
+    peak_flops_per_device: float
+    devices: int
+
+    def of(self, tokens_per_second: float, mean_sample_length: float, target_fraction: float) -> float:
+        from sft.modeling import train_flops_per_token
+
+        flops = train_flops_per_token(self.model_config, self.parameters, mean_sample_length, target_fraction)
+        return flops * tokens_per_second / (self.peak_flops_per_device * self.devices)
+
+
+@dataclass
+class MetricsWindow:
+    """Sums of the steps since the last log line."""
+
+    loss_sum: float = 0.0
+    target_tokens: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    samples: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    data_seconds: float = 0.0
+    forward_backward_seconds: float = 0.0
+    optimizer_seconds: float = 0.0
+
+    def add(self, result: StepResult, seconds: float, wait_seconds: float) -> None:
+        """Add a step that took ``seconds`` of wall time, ``wait_seconds`` of it waiting for its batches."""
+        for name in ("loss_sum", "target_tokens", "tokens", "padded_tokens", "samples", "forward_backward_seconds",
+                     "optimizer_seconds"):
+            setattr(self, name, getattr(self, name) + getattr(result, name))
+        self.data_seconds += wait_seconds + result.data_seconds
+        self.seconds += seconds
+        self.steps += 1
+
+    def scalars(self, last: StepResult, epoch: float, tokens_seen: int, samples_seen: int,
+                mfu: Optional[MFU]) -> dict[str, float]:
+        """The logged scalars of this window (``last``: its final step, for gradient norm and learning rate)."""
+        tokens_per_second = self.tokens / self.seconds
+        values = {
+            "train/loss": self.loss_sum / max(self.target_tokens, 1), "train/grad_norm": last.grad_norm,
+            "train/lr": last.lr, "train/epoch": epoch, "train/tokens_seen": tokens_seen,
+            "train/samples_seen": samples_seen,
+            "perf/tokens_per_second": tokens_per_second, "perf/samples_per_second": self.samples / self.seconds,
+            "perf/padding_ratio": 1.0 - self.tokens / max(self.padded_tokens, 1),
+            "perf/supervised_fraction": self.target_tokens / max(self.tokens, 1),
+            "time/data": self.data_seconds, "time/forward_backward": self.forward_backward_seconds,
+            "time/optimizer": self.optimizer_seconds, "time/step": self.seconds / self.steps,
+            "memory/peak_gib": peak_memory_bytes() / 2**30,
+        }
+        if mfu is not None:
+            values["perf/mfu"] = mfu.of(tokens_per_second, self.tokens / max(self.samples, 1),
+                                        self.target_tokens / max(self.tokens, 1))
+        return values
+
+
+@dataclass
+class RunTotals:
+    """What the end-of-run summary reports besides the run state's counters."""
+
+    first_loss: Optional[float] = None
+    last_loss: Optional[float] = None
+    val_loss: Optional[float] = None
+    eval_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
+    last_checkpoint: int = -1
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def trained(self, result: StepResult) -> None:
+        self.first_loss = result.loss if self.first_loss is None else self.first_loss
+        self.last_loss = result.loss
+
+    def validated(self, result: ValResult) -> None:
+        self.val_loss, self.eval_seconds = result.loss, self.eval_seconds + result.seconds
+
+    def saved(self, step: int, seconds: float) -> None:
+        self.last_checkpoint, self.checkpoint_seconds = step, self.checkpoint_seconds + seconds
+
+    def summary(self, steps: int, tokens_seen: int, samples_seen: int) -> dict:
+        values = {"steps": steps, "tokens_seen": tokens_seen, "samples_seen": samples_seen,
+                  **dataclasses.asdict(self), "seconds": time.perf_counter() - self.started,
+                  "peak_memory_gib": peak_memory_bytes() / 2**30}
+        del values["started"]
+        return {key: round(value, 4) if isinstance(value, float) else value for key, value in values.items()}
+
+
+def step_line(step: int, total_steps: int, values: dict[str, float], skipped: bool) -> str:
+    """The one console line of a logged step."""
+    mfu = f" | mfu {values['perf/mfu']:.1%}" if "perf/mfu" in values else ""
+    return (f"step {step:05d} ({step / total_steps:.1%}) | loss {values['train/loss']:.4f} | "
+            f"grad {values['train/grad_norm']:.3f} | lr {values['train/lr']:.2e} | dt {1000 * values['time/step']:.0f}ms | "
+            f"tok/s {values['perf/tokens_per_second']:,.0f}{mfu} | pad {values['perf/padding_ratio']:.1%} | "
+            f"mem {values['memory/peak_gib']:.2f}GiB" + (" | skipped (NaN)" if skipped else ""))
+
+
+class RunLog:
+    """Metrics to TensorBoard (through Accelerate), <logs>/metrics.jsonl and <logs>/train.log (main process only)."""
+
+    def __init__(self, config, accelerator, resumed_at: Optional[int]):
+        """``resumed_at``: the checkpoint's step when the run resumes (its logs continue), None for a new run."""
+        self.accelerator, self.main = accelerator, accelerator.is_main_process
+        if self.main:
+            folder = config.logs_dir()
+            os.makedirs(folder, exist_ok=True)
+            metrics = os.path.join(folder, "metrics.jsonl")
+            kept = _entries_up_to(metrics, resumed_at) if resumed_at is not None else []
+            self.metrics = open(metrics, "w", encoding="utf-8")
+            self.metrics.writelines(kept)
+            self.metrics.flush()
+            self.text = open(os.path.join(folder, "train.log"), "a" if resumed_at is not None else "w", encoding="utf-8")
+        if config.track_with != "none":
+            # purge_step: TensorBoard hides what earlier event files logged from this step on (an interrupted
+            # run's steps after its checkpoint, or an earlier run's steps in the same folder).
+            start = 0 if resumed_at is None else resumed_at + 1
+            accelerator.init_trackers(config.exp_name, config=_flat(config),
+                                      init_kwargs={"tensorboard": {"purge_step": start}})
+
+    def line(self, message: str) -> None:
+        if self.main:
+            tqdm.write(message)
+            self.text.write(message + "\n")
+            self.text.flush()
+
+    def scalars(self, step: int, values: dict) -> None:
+        values = {key: value for key, value in values.items() if isinstance(value, (int, float)) and math.isfinite(value)}
+        self.accelerator.log(values, step=step)
+        if self.main:
+            self.metrics.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+            self.metrics.flush()
+
+
+def _entries_up_to(path: str, step: int) -> list[str]:
+    """The lines of a metrics.jsonl logged at or before ``step`` (a torn last line is dropped too)."""
+    if not os.path.exists(path):
+        return []
+    kept = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    return kept
+
+
+def _flat(config) -> dict:
+    """The config as flat dotted keys with scalar values, for the tracker's hyperparameters."""
+    flat = {}
+
+    def walk(prefix, value):
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                walk(f"{prefix}{f.name}.", getattr(value, f.name))
+        else:
+            flat[prefix.rstrip(".")] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", config)
+    return flat
+
+
+def peak_memory_bytes() -> int:
+    """Peak memory of this process: CUDA allocator peak on a GPU, max RSS on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def device_peak_flops(config) -> Optional[float]:
+    """Peak FLOP/s of one device for MFU: peak_tflops when set, else a known GPU's bf16 dense peak."""
+    import torch
+
+    if config.peak_tflops > 0:
+        return config.peak_tflops * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        if "H100" in name or "H200" in name:
+            return 790e12  # measured bf16 dense matmul peak on this workplace's H100/H200
+    return None
