@@ -40,24 +40,34 @@ def main() -> None:
     numbers = [n for n in range(1000) if n not in HELD_OUT]
     rng.shuffle(numbers)
     validation, train = numbers[:60], numbers[60:]
+    # Every training number in each phrasing (shuffled), so no phrasing is tied to particular numbers.
+    train_rows = [(prompt, number) for number in train for prompt in PROMPTS]
+    rng.shuffle(train_rows)
+    validation_rows = [(rng.choice(PROMPTS), number) for number in validation]
     os.makedirs(DEMO, exist_ok=True)
-    for name, chosen in (("train.jsonl", train), ("validation.jsonl", validation)):
+    for name, rows in (("train.jsonl", train_rows), ("validation.jsonl", validation_rows)):
         with open(os.path.join(DEMO, name), "w", encoding="utf-8") as handle:
-            for number in chosen:
-                row = {"instruction": rng.choice(PROMPTS).format(n=number), "input": "", "output": words(number)}
+            for prompt, number in rows:
+                row = {"instruction": prompt.format(n=number), "input": "", "output": words(number)}
                 handle.write(json.dumps(row) + "\n")
     model = os.path.join(DEMO, "model")
     tokenizer = save_byte_tokenizer(model, with_bos=False, chat_template=CHATML_JINJA)
     from transformers import AutoTokenizer, Qwen2Config
 
     loaded = AutoTokenizer.from_pretrained(tokenizer)
+    # The first two layers attend within a 4-token window (a digit and the 3 tokens before it), where each digit
+    # learns its place in the number; with full attention only, a run mixes up the digits of unseen numbers
+    # (measured: ~70% of validation answers right even after 2,000 steps, against 98% with these after 1,000).
+    # Full multi-head attention (no shared key/value heads) and a narrow MLP also generalize better here than a
+    # wide MLP, which memorizes the training numbers.
     Qwen2Config(
-        vocab_size=len(loaded), hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, use_cache=False,
+        vocab_size=len(loaded), hidden_size=192, intermediate_size=192, num_hidden_layers=4, num_attention_heads=6,
+        num_key_value_heads=6, layer_types=["sliding_attention"] * 2 + ["full_attention"] * 2, use_sliding_window=True,
+        sliding_window=4, max_position_embeddings=512, tie_word_embeddings=True, use_cache=False,
         eos_token_id=loaded.eos_token_id, pad_token_id=loaded.pad_token_id, bos_token_id=None,
     ).save_pretrained(model)
-    print(f"wrote {DEMO}: {len(train)} train rows, {len(validation)} validation rows, held out {HELD_OUT}")
-
+    print(f"wrote {DEMO}: {len(train_rows)} train rows ({len(train)} numbers x {len(PROMPTS)} phrasings), "
+          f"{len(validation_rows)} validation rows, held out {HELD_OUT}")
 
 if __name__ == "__main__":
     main()
