@@ -30,6 +30,7 @@ from sft.cli import run_script  # noqa: E402
 from sft.config import SFTConfig  # noqa: E402
 from sft.dataset import build_encoded, check_encoded_folder, format_report, load_tokenizer, tokenizer_fingerprint  # noqa: E402
 from sft.loader import StepDataset, step_loader  # noqa: E402
+from sft.lora import describe as describe_adapter  # noqa: E402
 from sft.metrics import MFU, MetricsWindow, RunLog, RunTotals, device_peak_flops, step_line  # noqa: E402
 from sft.runstate import DataIdentity, RunState, check_resume, packing_of  # noqa: E402
 from sft.sampler import Layout, eval_shard  # noqa: E402
@@ -82,7 +83,8 @@ def main(config: SFTConfig) -> dict:
     train, validation, identity = load_data(config, accelerator, tokenizer)
     per_epoch = layout.steps_per_epoch(len(train))
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
-    run = RunState.start(layout, strategy.name, identity, Schedule.from_config(args, total_steps))
+    adapter = describe_adapter(config.sft_train.model_args)
+    run = RunState.start(layout, strategy.name, identity, Schedule.from_config(args, total_steps), adapter)
     resume, notes = ckpt.resolve_resume(config.resume_from_checkpoint, config.output_dir), []
     if resume:  # checked before anything is loaded; refused with a message naming what differs and the fix
         saved = RunState.from_json(ckpt.read_state(resume))
@@ -101,7 +103,8 @@ def main(config: SFTConfig) -> dict:
         log.line(f"resumed from {resume} at step {run.step} ({run.samples:,} samples, {run.tokens:,} tokens seen)")
     for note in notes:
         log.line(f"note: {note}")
-    log.line(f"model {info['parameters'] / 1e6:.2f}M parameters, attention {info['attention']}, strategy {strategy.name}, "
+    trains = f"{adapter}: {info['trainable'] / 1e6:.2f}M trainable" if adapter else "all trainable"
+    log.line(f"model {info['parameters'] / 1e6:.2f}M parameters ({trains}), attention {info['attention']}, strategy {strategy.name}, "
              f"{layout.processes} process(es) | {len(train):,} samples, {per_epoch} steps/epoch, {total_steps} steps, "
              f"global batch {layout.global_batch}")
     if "position_ids" in train.column_names:

@@ -3,7 +3,9 @@
     <output_dir>/sft_train/checkpoint-<step>/            renamed into place only when complete
         COMPLETE                                         marker, written before the rename
         run_state.json                                   the run state (sft/runstate.py), checked on resume
-        <cluster_name>/                                  HF model: safetensors, config, tokenizer, chat template
+        <cluster_name>/                                  HF model (safetensors, config) or, with LoRA, the PEFT
+                                                         adapter (adapter_config.json, adapter_model.safetensors);
+                                                         the tokenizer, and template.json naming the run's template
         training_state/                                  optimizer, RNG states per rank (accelerate save_state);
                                                          weights only under DeepSpeed (else resumed from the HF model)
 
@@ -25,6 +27,8 @@ from sft.errors import UserError
 COMPLETE = "COMPLETE"
 STATE_FILE = "run_state.json"
 TRAINING_STATE = "training_state"
+TEMPLATE_FILE = "template.json"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 class CheckpointError(UserError):
@@ -132,3 +136,23 @@ def rotate(output_dir: str, keep: int) -> list[str]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(os.path.basename(path))
     return removed
+
+
+def write_template(model_folder: str, name: str) -> None:
+    """Record the chat template a model was trained with (a name for sft.templates.get_template)."""
+    with open(os.path.join(model_folder, TEMPLATE_FILE), "w", encoding="utf-8") as handle:
+        json.dump({"template": name}, handle)
+
+
+def saved_template(model_folder: str) -> Optional[str]:
+    """The template name a checkpoint's model folder was trained with; None when it records none."""
+    path = os.path.join(model_folder, TEMPLATE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle).get("template")
+
+
+def is_adapter(model_folder: str) -> bool:
+    """Does this model folder hold a PEFT adapter (to load onto its base model) rather than a whole model?"""
+    return os.path.isfile(os.path.join(model_folder, ADAPTER_CONFIG))

@@ -160,6 +160,22 @@ class ModelArgs:
     """Initialise the weights randomly from the model config instead of loading them."""
     model_config: Optional[str] = None
     """Folder (or file) with the config.json used by from_scratch; default: pretrain."""
+    loss_chunk_size: int = 4096
+    """Target tokens per chunk of the output layer + cross-entropy, so a step's logits never all exist at once
+    (0: all at once)."""
+    lora_rank: int = 0
+    """LoRA adapter rank; 0 trains all weights."""
+    lora_alpha: Optional[float] = None
+    """LoRA scaling numerator (the update is scaled by alpha / rank); default 2 x lora_rank."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    lora_target: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules that get adapters: all-linear (every linear layer but the output layer), module names
+    (q_proj, v_proj, ...), or one regex over full module names."""
+    additional_target: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters, e.g. [embed_tokens, lm_head] for new tokens."""
+    quantization_bit: int = 0
+    """4: QLoRA, the frozen base in 4-bit NF4 through bitsandbytes (needs a GPU and lora_rank > 0); 0: off."""
 
 
 @dataclass
@@ -269,6 +285,12 @@ class SFTConfig:
         _check_choice("sft_train.model_args.dtype", self.sft_train.model_args.dtype, DTYPES)
         _check_choice("sft_train.model_args.attn_implementation", self.sft_train.model_args.attn_implementation,
                       ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"))
+        from sft.lora import check_lora_args
+
+        check_lora_args(self.sft_train.model_args)
+        if self.sft_train.model_args.loss_chunk_size < 0:
+            raise ConfigError(f"sft_train.model_args.loss_chunk_size: must not be negative (0: no chunks), "
+                              f"got {self.sft_train.model_args.loss_chunk_size}")
         args = self.sft_train.training_args
         # Choices owned by the modules that implement them (torch-free at import; sft.strategies imports this module).
         from sft.runstate import ACCEPTABLE_CHANGES

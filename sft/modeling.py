@@ -1,9 +1,17 @@
 """Model loading and the token-summed loss. No processes here: devices and wrapping belong to sft/worker.py.
 
 The loss is computed at supervised positions only: the hidden states of positions whose next token is a
-target go through the output layer, nothing else (``logits_to_keep`` with a boolean mask). With a
-151k-token vocabulary the output layer is most of a small model's cost, and the logits of prompt and
-padding positions are never needed; the loss is the same sum as over full logits.
+target go through the output layer, nothing else (``logits_to_keep`` with a boolean mask, which hands the
+head the target rows flattened to (targets, hidden) in row-major order, the order of
+``labels[:, 1:][mask[:, :-1]]``). With a 151k-token vocabulary the output layer is most of a small model's
+cost, and the logits of prompt and padding positions are never needed; the loss is the same sum as over
+full logits.
+
+Even so, 16k targets x 151k vocabulary are 10 GB of float32 logits. With ``chunk_size`` (the config's
+``loss_chunk_size``) and more targets than that, the output layer returns the summed loss itself, computed
+chunk_size targets at a time in forward and in backward (sft/loss.py), so at most chunk_size x vocabulary
+logits exist at once. It does so inside its own forward, inside the model's forward, so DDP, DeepSpeed
+ZeRO-3, FSDP2 and PEFT wrappers see the same calls as without chunks; the sum is the same to rounding.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sft.errors import IGNORE_INDEX
+from sft.loss import head_returns_loss, output_layer, returned_loss, upcast
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -33,7 +42,7 @@ def attention_implementation(requested: str, on_gpu: bool) -> str:
 
 
 def load_model(pretrain: str, dtype: str, attn: str, from_scratch: bool = False, model_config: Optional[str] = None,
-               seed: int = 0):
+               seed: int = 0, quantization=None):
     """An AutoModelForCausalLM from ``pretrain`` (weights), or initialised from a config alone when from_scratch.
 
     use_cache is switched off: in training it only costs memory, and with position_ids-packed rows it
@@ -48,14 +57,12 @@ def load_model(pretrain: str, dtype: str, attn: str, from_scratch: bool = False,
         torch.manual_seed(seed)  # initialisation depends on the seed only, identically on every rank
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch_dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(pretrain, attn_implementation=attn, dtype=torch_dtype)
+        if quantization is not None:  # QLoRA: the frozen base in 4 bits, computing in bf16 (a GPU; sft/lora.py)
+            torch_dtype = torch.bfloat16
+        model = AutoModelForCausalLM.from_pretrained(pretrain, attn_implementation=attn, dtype=torch_dtype,
+                                                     quantization_config=quantization)
     model.config.use_cache = False
     return model
-
-
-def _upcast(logits: torch.Tensor) -> torch.Tensor:
-    """Half-precision logits are upcast to float32 for the loss; float64 stays float64."""
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def target_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -65,17 +72,22 @@ def target_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the batch's target tokens, and their count (float32 accumulation)."""
+def loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the batch's target tokens, and their count (float32 accumulation).
+
+    With chunk_size > 0 and more targets than that, the output layer and the cross-entropy run chunk_size
+    targets at a time (see the module docstring); 0 computes all targets' logits at once."""
     labels = batch["labels"]
     keep = target_mask(labels)
-    count = int(keep.sum())
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
-    outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
-    logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
     targets = labels[:, 1:][keep[:, :-1]]
-    loss = F.cross_entropy(_upcast(logits), targets, reduction="sum")
-    return loss, count
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    if chunk_size <= 0 or targets.numel() <= chunk_size:
+        outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+        logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
+        return F.cross_entropy(upcast(logits), targets, reduction="sum"), targets.numel()
+    with head_returns_loss(output_layer(model), targets, chunk_size) as losses:
+        outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+    return returned_loss(outputs.logits, losses), targets.numel()
 
 
 def full_logits_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -84,7 +96,7 @@ def full_logits_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.T
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     logits = model(**inputs, use_cache=False).logits[:, :-1]
     targets = labels[:, 1:]
-    loss = F.cross_entropy(_upcast(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1),
+    loss = F.cross_entropy(upcast(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, int((targets != IGNORE_INDEX).sum())
 

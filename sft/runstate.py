@@ -11,6 +11,7 @@ What a resume does with a difference (``check_resume``):
                                                training state does not reshard: DeepSpeed)
     global batch                               refused, naming a layout that keeps it
     strategy                                   refused (the training states differ)
+    LoRA settings (or LoRA on/off)             refused (other trainable parameters)
     data, tokenizer, template, sequence_length,
     packing                                    refused, naming what changed, unless resume_accept_changes lists it
     max_steps / epochs                         the decay is re-stretched to the new total; warmup kept
@@ -86,6 +87,8 @@ class RunState:
     strategy: str
     data: DataIdentity
     schedule: Schedule
+    adapter: str = ""
+    """What is trained: "" for all weights, else the LoRA settings (sft.lora.describe)."""
     step: int = 0
     samples: int = 0
     """Samples trained on (a packed row counts the samples in it)."""
@@ -105,9 +108,10 @@ class RunState:
                 f"x gradient_accumulation_steps {self.accumulation})")
 
     @classmethod
-    def start(cls, layout, strategy: str, data: DataIdentity, schedule: Schedule) -> "RunState":
+    def start(cls, layout, strategy: str, data: DataIdentity, schedule: Schedule, adapter: str = "") -> "RunState":
         """A run at step 0 (``layout``: sft.sampler.Layout)."""
-        return cls(layout.global_batch, layout.processes, layout.micro_batch, layout.accumulation, strategy, data, schedule)
+        return cls(layout.global_batch, layout.processes, layout.micro_batch, layout.accumulation, strategy, data, schedule,
+                   adapter)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -149,6 +153,11 @@ def check_resume(saved: RunState, now: RunState, reshards: bool, accept: list[st
         raise ResumeError(f"{where} was trained with other {details}; the run would go on with other samples at the "
                           "same step. Resume with the original inputs, or accept the change with "
                           f"--resume_accept_changes {' '.join(refused)}")
+    if saved.adapter != now.adapter:
+        trained = {"": "all weights"}
+        raise ResumeError(f"{where} trained {trained.get(saved.adapter, saved.adapter)}, this run trains "
+                          f"{trained.get(now.adapter, now.adapter)}; its weights and optimizer state do not fit: resume "
+                          f"with the checkpoint's sft_train.model_args LoRA settings, {fresh_start}")
     if saved.strategy != now.strategy:
         raise ResumeError(f"{where} was written by {saved.strategy}, this run is {now.strategy}; their training states "
                           f"differ: resume with sft_train.strategy_args.strategy_name {saved.strategy}, {fresh_start}")

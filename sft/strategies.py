@@ -136,14 +136,18 @@ class DDPStrategy(Strategy):
                      and name != "training_state"]
             raise ConfigError(f"cluster_name: checkpoint {checkpoint} keeps its model in {found} but this run's "
                               f"cluster_name is {self.config.cluster_name!r}; resume with the run's own cluster_name")
+        if ckpt.is_adapter(folder):  # LoRA: the base comes from pretrain; the adapter from the checkpoint
+            from sft.lora import load_adapter_weights
+
+            load_adapter_weights(self.accelerator.unwrap_model(models.pop()), folder, self._load_device())
+            return
         index = os.path.join(folder, "model.safetensors.index.json")
         files = ["model.safetensors"]
         if os.path.exists(index):
             with open(index, encoding="utf-8") as handle:
                 files = sorted(set(json.load(handle)["weight_map"].values()))
         model = self.accelerator.unwrap_model(models.pop())
-        device = self.accelerator.device
-        device = "cpu" if device.type == "cpu" else str(device)  # safetensors refuses "cpu:0" (CPU ranks' device)
+        device = self._load_device()
         loaded: set = set()
         for name in files:  # shard by shard, straight onto the device: one shard in memory at a time
             weights = load_file(os.path.join(folder, name), device=device)
@@ -157,6 +161,11 @@ class DDPStrategy(Strategy):
             if not loaded.intersection(aliases):  # tied parameters are saved once, under one of their names
                 raise ckpt.CheckpointError(f"checkpoint {folder} has no weights for {' / '.join(aliases)}; it is "
                                            "incomplete or from another model")
+
+
+    def _load_device(self) -> str:
+        device = self.accelerator.device
+        return "cpu" if device.type == "cpu" else str(device)  # safetensors refuses "cpu:0" (CPU ranks' device)
 
 
 class DeepSpeedStrategy(Strategy):
@@ -265,12 +274,24 @@ class FSDP2Strategy(Strategy):
         if dtype != "fp32":
             options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bf16" else torch.float16,
                                                         reduce_dtype=torch.float32)
-        for layer in model.model.layers:
+        for layer in self._decoder_layers(model):
             fully_shard(layer, **options)
         fully_shard(model, **options)
         # The optimizer is built on the sharded parameters; Accelerate's prepare would wrap the model in DDP.
         self.model, self.optimizer = model, make_optimizer(model)
         return self.model, self.optimizer
+
+    @staticmethod
+    def _decoder_layers(model) -> list:
+        """The repeated blocks to shard one by one: modules of the classes the model names as not to be split
+        (Qwen2DecoderLayer, ...), found through any wrapper (a PEFT model keeps the base's modules)."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        kinds = set(getattr(base, "_no_split_modules", None) or [])
+        layers = [module for module in model.modules() if type(module).__name__ in kinds]
+        if not layers:
+            raise ConfigError(f"fsdp2_train: cannot find the decoder layers of {type(base).__name__} (it names no "
+                              "_no_split_modules); use ddp_train or deepspeed_train")
+        return layers
 
     @property
     def params_sharded(self) -> bool:

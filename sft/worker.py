@@ -21,7 +21,9 @@ import torch
 from sft import checkpoint as ckpt
 from sft.config import SFTConfig
 from sft.errors import IGNORE_INDEX, UserError
+from sft.export import conversation, generate_answer, stop_rule
 from sft.loader import StepBatch, collate_rows
+from sft.lora import apply_lora, check_quantization, check_saved, lora_enabled, quantization_config
 from sft.metrics import StepResult, ValResult
 from sft.modeling import attention_implementation, load_model, loss_sum
 from sft.runstate import RunState
@@ -48,18 +50,24 @@ class SFTWorker:
         start = time.perf_counter()
         config, model_args = self.config, self.config.sft_train.model_args
         attn = attention_implementation(model_args.attn_implementation, torch.cuda.is_available())
+        check_quantization(model_args, torch.cuda.is_available())
         model = load_model(config.pretrain, "fp32", attn, from_scratch=model_args.from_scratch,
-                           model_config=model_args.model_config, seed=config.seed)
+                           model_config=model_args.model_config, seed=config.seed,
+                           quantization=quantization_config(model_args))
         if model_args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora_enabled(model_args):
+            model = apply_lora(model, model_args)
         self.parameter_count = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.model_config = model.config
         if "position_ids" in self.train_data.column_names:
             from sft.packing import check_packing_backend
 
             check_packing_backend(attn, model.config.use_cache)
         self.model, self.optimizer = self.strategy.prepare(self.accelerator, model, self._optimizer_for)
-        return {"parameters": self.parameter_count, "attention": attn, "init_seconds": time.perf_counter() - start}
+        return {"parameters": self.parameter_count, "trainable": trainable, "attention": attn,
+                "init_seconds": time.perf_counter() - start}
 
     def _optimizer_for(self, model) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters; no weight decay on biases and norms."""
@@ -102,7 +110,7 @@ class SFTWorker:
             with accelerator.accumulate(model):
                 if skipped:  # keep Accelerate's accumulation count aligned; nothing to compute
                     continue
-                summed, _ = loss_sum(model, micro)
+                summed, _ = loss_sum(model, micro, self.config.sft_train.model_args.loss_chunk_size)
                 if self.any_process(not bool(torch.isfinite(summed.detach()))):
                     skipped = self._on_nan(batch.step)
                     continue
@@ -139,7 +147,8 @@ class SFTWorker:
             batch = collate_rows(self.val_data[batches[index] if index < len(batches) else [0]], self.pad_id, multiple)
             if index >= len(batches):
                 batch["labels"].fill_(IGNORE_INDEX)
-            summed, targets = loss_sum(self.model, {key: value.to(self.accelerator.device) for key, value in batch.items()})
+            summed, targets = loss_sum(self.model, {key: value.to(self.accelerator.device) for key, value in batch.items()},
+                                       self.config.sft_train.model_args.loss_chunk_size)
             total += float(summed)
             count += targets
         total, count = self.all_sum([total, float(count)])
@@ -164,9 +173,12 @@ class SFTWorker:
         weights = self.strategy.full_state_dict()  # every rank takes part (ZeRO-3 and FSDP2 gather)
         if accelerator.is_main_process:
             folder = ckpt.model_dir(staging, config.cluster_name)
+            # A PeftModel writes only the adapter (and additional_target modules), cut from the full state dict.
             accelerator.unwrap_model(self.model).save_pretrained(folder, state_dict=weights, save_function=accelerator.save,
                                                                  safe_serialization=True)
+            check_saved(folder)
             self.tokenizer.save_pretrained(folder)
+            ckpt.write_template(folder, config.template_name())
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             ckpt.finish(config.output_dir, state.step, state.to_json())
@@ -179,26 +191,11 @@ class SFTWorker:
         self.strategy.load(os.path.join(path, ckpt.TRAINING_STATE))
 
     # ----- demo ------------------------------------------------------------------------------------
-    @torch.no_grad()
     def answer(self, prompts: list[str], template, max_new_tokens: int) -> list[str]:
         """Greedy answers of the live model to ``prompts``, up to the template's end-of-turn marker (main process;
-        not with sharded parameters)."""
+        not with sharded parameters), as scripts/chat.py answers."""
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
-        marker = template.end_of_turn.strip()
-        stops = {self.tokenizer.eos_token_id}
-        marker_ids = self.tokenizer.encode(marker, add_special_tokens=False) if marker else []
-        if len(marker_ids) == 1:  # a one-token marker (<|im_end|>, <|eot_id|>) also ends generation
-            stops.add(marker_ids[0])
-        stops.discard(None)
-        answers = []
-        for prompt in prompts:
-            text = template.generation_prompt([{"role": "user", "content": prompt}])
-            ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(self.accelerator.device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=self.pad_id, eos_token_id=sorted(stops), use_cache=True)
-            new = out[0, ids.shape[1]:].tolist()
-            end = next((i for i, token in enumerate(new) if token in stops), len(new))
-            answer = self.tokenizer.decode(new[:end], skip_special_tokens=False)
-            answers.append(answer.split(marker)[0] if marker else answer)  # a marker of several tokens
-        return answers
+        stops = stop_rule(self.tokenizer, template)
+        return [generate_answer(model, self.tokenizer, template, conversation(prompt), max_new_tokens, stops=stops)
+                for prompt in prompts]

@@ -1,0 +1,174 @@
+"""LoRA adapters (and QLoRA's 4-bit base) through PEFT: the config checks, wrapping, and adapter weights.
+
+A LoRA run wraps the loaded model with ``peft.get_peft_model`` before the strategy prepares it, so every
+strategy (DDP, DeepSpeed ZeRO-2/3, FSDP2) sees one module whose only trainable parameters are the adapters
+(and the ``additional_target`` modules, trained in full). The optimizer is built over trainable parameters
+only, so it holds no state for the frozen base.
+
+A checkpoint's ``<cluster_name>/`` then holds the adapter as PEFT writes it (``adapter_config.json``,
+``adapter_model.safetensors``), cut from the strategy's *full* state dict: under ZeRO-3 that dict is gathered
+across processes first, so the adapter is never the empty partition a process holds alone.
+
+The checks here run when the config is parsed and import no torch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from sft.config import ConfigError
+
+ALL_LINEAR = "all-linear"
+_REGEX_CHARS = re.compile(r"[\\^$.*+?()\[\]{}|]")
+
+
+def lora_enabled(model_args) -> bool:
+    return model_args.lora_rank > 0
+
+
+def check_lora_args(model_args) -> None:
+    """Refuse LoRA settings that cannot work, naming the field (called by SFTConfig)."""
+    field = "sft_train.model_args"
+    if model_args.lora_rank < 0:
+        raise ConfigError(f"{field}.lora_rank: must not be negative (0 trains all weights), got {model_args.lora_rank}")
+    if model_args.quantization_bit not in (0, 4):
+        raise ConfigError(f"{field}.quantization_bit: 4 (QLoRA, NF4) or 0 (off), got {model_args.quantization_bit}")
+    if not lora_enabled(model_args):
+        if model_args.quantization_bit:
+            raise ConfigError(f"{field}.quantization_bit: a 4-bit base cannot be trained in full; set lora_rank "
+                              "(e.g. 16) to train adapters on it")
+        return
+    if model_args.lora_alpha is not None and model_args.lora_alpha <= 0:
+        raise ConfigError(f"{field}.lora_alpha: must be positive, got {model_args.lora_alpha}")
+    if not 0 <= model_args.lora_dropout < 1:
+        raise ConfigError(f"{field}.lora_dropout: must be in [0, 1), got {model_args.lora_dropout}")
+    if not model_args.lora_target:
+        raise ConfigError(f"{field}.lora_target: empty; give all-linear, module names or a regex")
+    if len(model_args.lora_target) > 1 and any(_REGEX_CHARS.search(name) for name in model_args.lora_target):
+        raise ConfigError(f"{field}.lora_target: a regex must be given alone, got {model_args.lora_target}")
+    if model_args.from_scratch:
+        raise ConfigError(f"{field}.from_scratch: adapters train on top of loaded weights; a randomly initialised "
+                          "base cannot be reloaded with them. Set from_scratch: false (pretrain: the model folder), "
+                          "or lora_rank: 0 to train all weights")
+
+
+def describe(model_args) -> str:
+    """The adapter a run trains, for its run state and log: "" when it trains all weights."""
+    if not lora_enabled(model_args):
+        return ""
+    text = f"LoRA r={model_args.lora_rank} alpha={lora_alpha(model_args):g} target={','.join(model_args.lora_target)}"
+    if model_args.additional_target:
+        text += f" + full {','.join(model_args.additional_target)}"
+    return text + (" on a 4-bit base" if model_args.quantization_bit else "")
+
+
+def lora_alpha(model_args) -> float:
+    return model_args.lora_alpha if model_args.lora_alpha is not None else 2.0 * model_args.lora_rank
+
+
+def target_modules(model_args):
+    """lora_target as PEFT takes it: "all-linear", a regex string, or a list of module-name suffixes."""
+    targets = list(model_args.lora_target)
+    if targets == [ALL_LINEAR]:
+        return ALL_LINEAR
+    if len(targets) == 1 and _REGEX_CHARS.search(targets[0]):
+        return targets[0]
+    return targets
+
+
+def apply_lora(model, model_args):
+    """The model wrapped with LoRA adapters (a PeftModel); the base's weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    if model_args.quantization_bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=model_args.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    name = getattr(model, "name_or_path", "")
+    if name and os.path.isdir(name):  # adapter_config.json names the base: absolute, so export and chat find it anywhere
+        model.name_or_path = os.path.abspath(name)
+    config = LoraConfig(r=model_args.lora_rank, lora_alpha=lora_alpha(model_args), lora_dropout=model_args.lora_dropout,
+                        target_modules=target_modules(model_args),
+                        modules_to_save=list(model_args.additional_target) or None, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:  # PEFT names the target that matched nothing
+        names = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name})
+        raise ConfigError(f"sft_train.model_args.lora_target / additional_target: {error}. The model's module names "
+                          f"include: {', '.join(names)}") from None
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def load_adapter_weights(model, folder: str, device) -> None:
+    """Load a checkpoint's adapter (adapter_model.safetensors) into the live PeftModel; every trainable
+    parameter must be in it."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from sft.checkpoint import CheckpointError
+
+    path = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {folder} has no adapter_model.safetensors; it is incomplete or was "
+                              "saved by a full-weight run (resume it with lora_rank: 0)")
+    weights = load_file(path, device=device)
+    if not weights:
+        raise CheckpointError(f"checkpoint {path} holds no tensors (an empty adapter)")
+    result = set_peft_model_state_dict(model, weights)
+    missing = [name for name, parameter in model.named_parameters()
+               if parameter.requires_grad and name in set(getattr(result, "missing_keys", []))]
+    if missing:
+        raise CheckpointError(f"checkpoint {folder} has no weights for {', '.join(missing[:4])}; it was saved with "
+                              "other lora_rank / lora_target / additional_target settings")
+
+
+def check_saved(model_folder: str) -> None:
+    """After a save: an adapter folder must hold every adapter tensor with its data (ZeRO-3 + LoRA has been known
+    to write empty ones elsewhere). A full-model folder passes."""
+    path = os.path.join(model_folder, "adapter_model.safetensors")
+    if not os.path.isfile(os.path.join(model_folder, "adapter_config.json")):
+        return
+    from safetensors import safe_open
+
+    from sft.checkpoint import CheckpointError
+
+    with safe_open(path, framework="pt") as handle:
+        names = list(handle.keys())
+        empty = [name for name in names if 0 in handle.get_slice(name).get_shape()]
+    if not names or empty:
+        raise CheckpointError(f"saving {path}: the adapter has {len(names)} tensors, empty: {empty[:4]}; the state dict "
+                              "was not gathered across processes")
+
+
+def check_quantization(model_args, on_gpu: bool) -> None:
+    """QLoRA needs a CUDA GPU and bitsandbytes; refuse clearly elsewhere (before any weight is loaded)."""
+    if not model_args.quantization_bit:
+        return
+    if not on_gpu:
+        raise ConfigError("sft_train.model_args.quantization_bit: 4-bit QLoRA needs a CUDA GPU (bitsandbytes' 4-bit "
+                          "kernels); this machine has none. Train LoRA on the full-precision base (quantization_bit: 0)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("sft_train.model_args.quantization_bit: 4-bit QLoRA needs bitsandbytes: "
+                          "pip install bitsandbytes") from None
+
+
+def quantization_config(model_args):
+    """transformers' BitsAndBytesConfig for a 4-bit NF4 base (bf16 compute), or None."""
+    if not model_args.quantization_bit:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
