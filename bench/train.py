@@ -1,7 +1,8 @@
 """Training throughput, side by side in one run: scripts/train.py vs bare PyTorch loops vs TRL's SFTTrainer.
 
     python bench/train.py [--steps 24] [--batch 4]      # CPU; pip install trl to include TRL's rows
-    python bench/train.py --packing                     # packed vs padded training at sequence_length 1024
+    python bench/train.py --packing [--lengths 1024 4096] [--models tiny small]
+                                                        # padded vs packed (block mask) vs packed (varlen)
 
 A tiny Qwen2-shaped model (hidden 64, 2 layers) with the real Qwen2.5 tokenizer's vocabulary (151,665
 tokens): as in users' small models, the output layer is most of the cost. Data: alpaca_en_demo.json with
@@ -60,7 +61,7 @@ def small_vocab_tokenizer(folder: str, vocab_size: int = 8192) -> str:
 
 
 def setup(work: str, steps: int, batch: int, sequence_length: int = 512, packing: bool = False,
-          name: str = "run", shape: str = "tiny", tokenizer_dir: str = QWEN_TOKENIZER) -> tuple[str, str]:
+          name: str = "run", shape: str = "tiny", tokenizer_dir: str = QWEN_TOKENIZER, attn: str = "sdpa") -> tuple[str, str]:
     from transformers import AutoTokenizer, Qwen2Config
 
     model = os.path.join(work, f"model-{name}")
@@ -81,7 +82,7 @@ sequence_length: {sequence_length}
 pretrain: {model}
 track_with: none
 sft_train:
-  model_args: {{dtype: fp32, from_scratch: true, attn_implementation: sdpa}}
+  model_args: {{dtype: fp32, from_scratch: true, attn_implementation: {attn}}}
   training_args: {{max_steps: {steps}, learning_rate: 1.0e-4, per_device_train_batch_size: {batch}}}
   data_args: {{file_name: {os.path.join(SHARED, 'datasets', 'alpaca_en_demo.json')}, template: qwen2_5}}
   use_sequence_packing: {str(packing).lower()}
@@ -188,40 +189,89 @@ def trl_rate(model_dir: str, data, steps: int, batch: int, packed: bool, work: s
     return steady([(tokens_per_step, seconds) for seconds in timer.rates])
 
 
-def packing_comparison(steps: int) -> None:
-    """scripts/train.py padded (8 samples a step, padded to the longest) vs packed (2 rows of up to 1024
-    tokens a step) at sequence_length 1024, for both model shapes. Padding costs the model body, not the
-    output layer (our loss computes logits at target positions only), so packing gains in proportion to
-    the body's share of the work: little for the tiny model, most for real ones."""
+def accepted_attention(config_path: str, attn: str) -> str:
+    """`attn`, or "auto" where this version's config does not list it yet ("auto" picks varlen; ours() checks)."""
+    from sft.config import load_config
+    from sft.errors import UserError
+
+    try:
+        load_config(config_path, [])
+        return attn
+    except UserError as error:
+        if "attn_implementation" not in str(error):
+            raise
+    text = open(config_path, encoding="utf-8").read()
+    with open(config_path, "w", encoding="utf-8") as handle:
+        handle.write(text.replace(f"attn_implementation: {attn}", "attn_implementation: auto"))
+    return "auto"
+
+
+def attention_used(work: str, name: str) -> str:
+    """The attention backend a scripts/train.py run reports in its train.log ("..., attention varlen, ...")."""
+    log = open(os.path.join(work, name, "logs", "train.log"), encoding="utf-8").read()
+    return log.split(", attention ", 1)[1].split(",", 1)[0]
+
+
+# (label, packed, attention): padded batches, packed rows with transformers' block mask, packed rows per sample.
+PACKING_VARIANTS = (("padded", False, "sdpa"), ("packed, block mask", True, "sdpa"), ("packed, varlen", True, "varlen"))
+PADDED_SAMPLES = 8  # samples a step, padded to the longest
+
+
+def packed_rows_per_step(sequence_length: int) -> int:
+    """2 rows of 1024 a step (about 2,000 tokens, as 8 padded samples of ~200), 1 row at 2048 and longer."""
+    return max(1, 2048 // sequence_length)
+
+
+def packing_comparison(steps: int, lengths: list[int], shapes: list[str]) -> None:
+    """scripts/train.py padded (8 samples a step, padded to the longest) vs packed rows with sdpa (transformers'
+    block-diagonal mask over each whole row) vs packed rows with varlen (attention within each sample), at each
+    sequence_length, for both model shapes, all in one run. Padding costs the model body, not the output layer
+    (our loss computes logits at target positions only), and the block mask costs row_length^2 per layer, so
+    packing gains in proportion to the body's share of the work, and varlen most at long rows."""
     work = tempfile.mkdtemp(prefix="bench_train_packing_")
-    small_vocab = small_vocab_tokenizer(os.path.join(work, "tokenizer-8k"))
-    models = [("tiny", QWEN_TOKENIZER, "tiny, Qwen2.5 vocab 151,665 (output layer ~99%)"),
-              ("small", small_vocab, "hidden 512 x 4 layers, vocab 8,192 (output layer ~21%)")]
+    labels = {"tiny": "tiny, Qwen2.5 vocab 151,665 (output layer ~99%)",
+              "small": "hidden 512 x 4 layers, vocab 8,192 (output layer ~21%)"}
+    tokenizers = {"tiny": QWEN_TOKENIZER}
+    if "small" in shapes:
+        tokenizers["small"] = small_vocab_tokenizer(os.path.join(work, "tokenizer-8k"))
     results = []
-    for shape, tokenizer_dir, label in models:
-        rates = []
-        for packing, batch in ((False, 8), (True, 2)):
-            name = f"{shape}-{'packed' if packing else 'padded'}"
-            config, _ = setup(work, steps, batch, sequence_length=1024, packing=packing, name=name, shape=shape,
-                              tokenizer_dir=tokenizer_dir)
-            rates.append(ours(config, work, name))
-        results.append((label, *rates))
-    print(f"\nscripts/train.py on alpaca_en_demo (qwen2_5 template), sequence_length 1024, {steps} steps, fp32, CPU; "
-          "padded: 8 samples a step; packed: 2 rows of <= 1024 tokens a step\n")
-    print(f"| {'model':<56} | {'padded tok/s':>12} | {'packed tok/s':>12} | {'packed / padded':>15} |")
-    print(f"|{'-' * 58}|{'-' * 13}:|{'-' * 13}:|{'-' * 16}:|")
-    for label, padded, packed in results:
-        print(f"| {label:<56} | {padded:>12,.0f} | {packed:>12,.0f} | {packed / padded:>15.2f} |")
+    for shape in shapes:
+        for sequence_length in lengths:
+            rates = []
+            for variant, packing, attn in PACKING_VARIANTS:
+                name = f"{shape}-{sequence_length}-{variant.replace(', ', '-').replace(' ', '_')}"
+                batch = packed_rows_per_step(sequence_length) if packing else PADDED_SAMPLES
+                config, _ = setup(work, steps, batch, sequence_length=sequence_length, packing=packing, name=name,
+                                  shape=shape, tokenizer_dir=tokenizers[shape], attn=attn)
+                accepted_attention(config, attn)
+                rates.append(ours(config, work, name))
+                used = attention_used(work, name)
+                if used != attn:
+                    raise SystemExit(f"{name}: ran with attention {used}, not {attn}")
+            results.append((labels[shape], sequence_length, *rates))
+    print(f"\nscripts/train.py on alpaca_en_demo (qwen2_5 template), {steps} steps, fp32, CPU, load before "
+          f"{os.getloadavg()[0]:.2f}; effective (non-pad) tokens/s after warm-up. padded: {PADDED_SAMPLES} samples a "
+          "step; packed: 2 rows of <= 1024 tokens a step at 1024, 1 row at 4096; block mask: sdpa (transformers' "
+          "block-diagonal mask over the row); varlen: attention within each sample\n")
+    print(f"| {'model':<54} | {'length':>6} | {'padded':>7} | {'block mask':>10} | {'varlen':>7} | "
+          f"{'varlen / padded':>15} | {'varlen / block mask':>19} | {'block mask / padded':>19} |")
+    print(f"|{'-' * 56}|{'-' * 7}:|{'-' * 8}:|{'-' * 11}:|{'-' * 8}:|{'-' * 16}:|{'-' * 20}:|{'-' * 20}:|")
+    for label, sequence_length, padded, block, varlen in results:
+        print(f"| {label:<54} | {sequence_length:>6} | {padded:>7,.0f} | {block:>10,.0f} | {varlen:>7,.0f} | "
+              f"{varlen / padded:>15.2f} | {varlen / block:>19.2f} | {block / padded:>19.2f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--packing", action="store_true", help="compare packed vs padded training instead")
+    parser.add_argument("--packing", action="store_true", help="compare padded vs packed training instead")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096], help="--packing: sequence lengths")
+    parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=sorted(SHAPES),
+                        help="--packing: model shapes")
     args = parser.parse_args()
     if args.packing:
-        packing_comparison(args.steps)
+        packing_comparison(args.steps, args.lengths, args.models)
         return
     work = tempfile.mkdtemp(prefix="bench_train_")
     config, model_dir = setup(work, args.steps, args.batch)

@@ -1,8 +1,10 @@
 """Sequence packing: samples into rows of at most `capacity` tokens, and the collator for packed rows. Pure.
 
-A packed row concatenates whole samples. position_ids restart at 0 for each sample, which is how
-transformers' attention kernels (flash_attention_2, sdpa, eager; with attention_mask=None and
-use_cache=False) keep samples from attending to each other. The first label of each sample is masked,
+A packed row concatenates whole samples. position_ids restart at 0 for each sample, which is how the
+attention backends keep samples from attending to each other (with attention_mask=None and use_cache=False):
+varlen (sft/attention.py) attends within each sample only; sdpa and eager get a block-diagonal mask over the
+whole row from transformers; flash_attention_2 separates samples only in a batch of one row (see
+check_packing_backend). The first label of each sample is masked,
 so the last token of one sample never learns to predict the first token of the next::
 
     samples       A = a1 a2 a3 (labels -  a2 a3)     B = b1 b2 (labels - b2)
@@ -254,14 +256,26 @@ def packed_collate(rows: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -
     return batch
 
 
-def check_packing_backend(attn_implementation: str, use_cache: bool) -> None:
-    """Refuse a model setup in which packed samples would attend to each other."""
+PACKING_BACKENDS = ("varlen", "sdpa", "eager", "flash_attention_2")
+
+
+def check_packing_backend(attn_implementation: str, use_cache: bool, rows_per_batch: int | None = None) -> None:
+    """Refuse a model setup in which packed samples would attend to each other.
+
+    transformers' flash_attention_2 finds the samples in position_ids only when a batch is one row
+    (modeling_flash_attention_utils._is_packed_sequence); with more rows it attends causally across each whole
+    row. So it needs rows_per_batch == 1, which a caller that does not say is not known to hold."""
     if use_cache:
         raise PackingError("packing needs model.config.use_cache = False: with the cache on, transformers ignores "
                            "position_ids restarts and samples attend to each other")
-    if attn_implementation not in ("flash_attention_2", "sdpa", "eager"):
-        raise PackingError(f"packing is not supported with attention {attn_implementation!r}; use sdpa, eager or "
-                           "flash_attention_2 (flex_attention has no CPU backward and needs a block mask)")
+    if attn_implementation not in PACKING_BACKENDS:
+        raise PackingError(f"packing is not supported with attention {attn_implementation!r}; use varlen, sdpa, eager "
+                           "or flash_attention_2 (flex_attention has no CPU backward and needs a block mask)")
+    if attn_implementation == "flash_attention_2" and rows_per_batch != 1:
+        raise PackingError("packing with flash_attention_2 needs per_device_train_batch_size 1: transformers' "
+                           "flash_attention_2 separates packed samples only in a batch of one row, and with more rows "
+                           "they attend to each other; use varlen (the same FlashAttention kernels through torch, "
+                           "any batch size)")
 
 
 def pack_dataset(lengths: list[int], capacity: int, strategy: str) -> tuple[list[list[int]], dict]:

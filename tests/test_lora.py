@@ -3,18 +3,17 @@
 The runs reuse tests/test_train.py's tiny saved Qwen2 model and data; LoRA trains adapters on its weights.
 """
 
-import glob
 import json
 import os
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.test_train import command, environment, kill_tree, logged, losses, setup, train  # noqa: F401 (fixture)
+from tests.test_train import (command, environment, fresh_process_val_loss, kill_tree, losses, setup,  # noqa: F401
+                              train)
 
 LORA = ["--sft_train.model_args.lora_rank", "4", "--sft_train.training_args.learning_rate", "0.05",
         "--sft_train.training_args.adam_epsilon", "1.0"]
@@ -34,37 +33,11 @@ def adapter(out, step):
     return load_file(os.path.join(str(out), "sft_train", f"checkpoint-{step}", "sft_train", "adapter_model.safetensors"))
 
 
-FRESH_ADAPTER_LOSS = """
-import json, sys, torch
-sys.path.insert(0, {root!r})
-from datasets import load_from_disk
+LOAD_ADAPTER = """
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
-from sft.collate import pad_collate
-from sft.modeling import loss_sum
-base = AutoModelForCausalLM.from_pretrained(json.load(open({folder!r} + "/adapter_config.json"))["base_model_name_or_path"],
-                                            dtype=torch.float32)
-model = PeftModel.from_pretrained(base, {folder!r}).eval()
-data = load_from_disk({data!r})
-total = count = 0
-with torch.no_grad():
-    for start in range(0, len(data), 3):
-        rows = data[start:start + 3]
-        batch = pad_collate([{{"input_ids": i, "labels": l}} for i, l in zip(rows["input_ids"], rows["labels"])], 0)
-        summed, n = loss_sum(model, batch)
-        total += float(summed); count += n
-print(json.dumps(total / count))
+base = json.load(open({folder!r} + "/adapter_config.json"))["base_model_name_or_path"]
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), {folder!r}).eval()
 """
-
-
-def fresh_adapter_val_loss(out, step):
-    """The validation loss of the checkpoint's adapter, loaded with PEFT onto its base in a fresh process."""
-    folder = os.path.join(str(out), "sft_train", f"checkpoint-{step}", "sft_train")
-    data = glob.glob(os.path.join(str(out), "encoded", "*", "validation"))[0]
-    script = FRESH_ADAPTER_LOSS.format(root=ROOT, folder=folder, data=data)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def lora_run(setup, out, strategy, processes, *extra):
@@ -99,7 +72,8 @@ def test_a_lora_run_trains_only_the_adapter_and_saves_it_loadable(setup, ddp_lor
     assert len(optimizer["state"]) == len(names)
     log = open(os.path.join(str(out), "logs", "train.log")).read()
     assert "(LoRA r=4 alpha=8 target=all-linear:" in log and "M trainable)" in log
-    assert fresh_adapter_val_loss(out, 4) == pytest.approx(dict(logged(out, "val/loss"))[4], rel=1e-5)
+    fresh, live = fresh_process_val_loss(out, 4, LOAD_ADAPTER)  # PEFT onto the base, in a fresh process
+    assert fresh == pytest.approx(live, rel=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["zero2", "zero3", "fsdp2"])
@@ -117,7 +91,8 @@ def test_lora_on_every_strategy_gives_the_same_losses_and_adapter(setup, tmp_pat
         assert saved[name].numel() == expected[name].numel() > 0, name
         assert torch.allclose(expected[name], saved[name], rtol=1e-4, atol=1e-6), (strategy, name)
     if strategy == "zero3":
-        assert fresh_adapter_val_loss(out, 4) == pytest.approx(dict(logged(out, "val/loss"))[4], rel=1e-5)
+        fresh, live = fresh_process_val_loss(out, 4, LOAD_ADAPTER)  # PEFT onto the base, in a fresh process
+    assert fresh == pytest.approx(live, rel=1e-5)
 
 
 def test_lora_with_packing_changes_nothing_but_speed(setup, tmp_path):

@@ -248,7 +248,7 @@ from datasets import load_from_disk
 from transformers import AutoModelForCausalLM
 from sft.collate import pad_collate
 from sft.modeling import loss_sum
-model = AutoModelForCausalLM.from_pretrained({model!r}, dtype=torch.float32)
+{load}
 data = load_from_disk({data!r})
 total = count = 0
 with torch.no_grad():
@@ -259,13 +259,17 @@ with torch.no_grad():
         total += float(summed); count += n
 print(json.dumps(total / count))
 """
+LOAD_MODEL = "model = AutoModelForCausalLM.from_pretrained({folder!r}, dtype=torch.float32)"
 
 
-def fresh_process_val_loss(out, step):
-    checkpoint = os.path.join(str(out), "sft_train", f"checkpoint-{step}")
+def fresh_process_val_loss(out, step, load=LOAD_MODEL):
+    """The validation loss of checkpoint ``step``'s model folder, loaded by ``load`` in a fresh process; and the
+    run's logged one."""
+    folder = os.path.join(str(out), "sft_train", f"checkpoint-{step}", "sft_train")
     data = glob.glob(os.path.join(str(out), "encoded", "*", "validation"))[0]
-    script = FRESH_LOSS.format(root=ROOT, model=os.path.join(checkpoint, "sft_train"), data=data)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    script = FRESH_LOSS.format(root=ROOT, load=load.format(folder=folder), data=data)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1]), dict(logged(out, "val/loss"))[step]
 
 
