@@ -12,19 +12,11 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.test_train import (command, environment, fresh_process_val_loss, kill_tree, losses, setup,  # noqa: F401
-                              train)
+from tests.test_train import (STRATEGIES, command, environment, fresh_process_val_loss, kill_tree, losses,  # noqa: F401
+                              setup, train)
 
 LORA = ["--sft_train.model_args.lora_rank", "4", "--sft_train.training_args.learning_rate", "0.05",
         "--sft_train.training_args.adam_epsilon", "1.0"]
-STRATEGIES = {
-    "ddp": ["--sft_train.strategy_args.strategy_name", "ddp_train"],
-    "zero2": ["--sft_train.strategy_args.strategy_name", "deepspeed_train",
-              "--sft_train.strategy_args.strategy_config", "{zero_stage: 2}"],
-    "zero3": ["--sft_train.strategy_args.strategy_name", "deepspeed_train",
-              "--sft_train.strategy_args.strategy_config", "{zero_stage: 3}"],
-    "fsdp2": ["--sft_train.strategy_args.strategy_name", "fsdp2_train"],
-}
 
 
 def adapter(out, step):
