@@ -5,15 +5,12 @@ The runs reuse tests/test_train.py's tiny saved Qwen2 model and data; LoRA train
 
 import json
 import os
-import subprocess
-import time
 
 import pytest
 import torch
 
-from tests.conftest import ROOT
-from tests.test_train import (STRATEGIES, command, environment, fresh_process_val_loss, kill_tree, losses,  # noqa: F401
-                              setup, train)
+from tests.test_train import (STRATEGIES, fresh_process_val_loss, kill_after_checkpoint, losses, setup,  # noqa: F401
+                              train)
 
 LORA = ["--sft_train.model_args.lora_rank", "4", "--sft_train.training_args.learning_rate", "0.05",
         "--sft_train.training_args.adam_epsilon", "1.0"]
@@ -101,19 +98,10 @@ def test_lora_with_packing_changes_nothing_but_speed(setup, tmp_path):
 
 
 def test_lora_resume_after_sigkill_is_bitwise_exact_and_other_settings_are_refused(setup, tmp_path):
-    root, config = setup
     steps = [*LORA, "--sft_train.training_args.max_steps", "24", "--save_steps", "4", "--eval_steps", "100"]
     train(setup, tmp_path / "straight", *steps)
     killed = tmp_path / "killed"
-    process = subprocess.Popen(command(config, killed, *steps), cwd=ROOT, env=environment(root),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = killed / "sft_train" / "checkpoint-4" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    kill_tree(process.pid)
-    process.wait()
-    assert marker.exists() and not (killed / "sft_train" / "checkpoint-24").exists(), "the run ended before the kill"
+    kill_after_checkpoint(setup, killed, 4, 24, *steps)
     # Another rank is other trainable parameters: refused, naming both.
     other = train(setup, killed, *steps, "--sft_train.model_args.lora_rank", "8", "--resume_from_checkpoint", "true",
                   check=False)

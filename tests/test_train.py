@@ -117,6 +117,23 @@ def kill_tree(pid: int) -> None:
             pass
 
 
+def kill_after_checkpoint(setup, out, step, last, *overrides, processes=1):
+    """Start a run and SIGKILL it, launcher and every rank at once as a node failure would, once checkpoint
+    ``step`` is complete (and before ``last``, the final step)."""
+    root, config = setup
+    # A session of its own, so the kill takes the launcher and every rank at once.
+    process = subprocess.Popen(command(config, out, *overrides, processes=processes), cwd=ROOT, env=environment(root),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = out / "sft_train" / f"checkpoint-{step}" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    kill_tree(process.pid)
+    process.wait()
+    time.sleep(0.5)
+    assert marker.exists() and not (out / "sft_train" / f"checkpoint-{last}").exists(), "the run ended before the kill"
+
+
 def weights(out, step):
     from safetensors.torch import load_file
 
@@ -155,17 +172,7 @@ def test_resume_after_sigkill_is_bitwise_exact(setup, tmp_path, case):
     steps = [*strategy, "--sft_train.training_args.max_steps", "40", "--save_steps", "4", "--eval_steps", "100"]
     train(setup, tmp_path / "straight", *steps, processes=processes)
     killed = tmp_path / "killed"
-    # A session of its own, so the kill takes the launcher and every rank at once, as a node failure does.
-    process = subprocess.Popen(command(config, killed, *steps, processes=processes), cwd=ROOT, env=environment(root),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = killed / "sft_train" / "checkpoint-4" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    kill_tree(process.pid)
-    process.wait()
-    time.sleep(0.5)
-    assert marker.exists() and not (killed / "sft_train" / "checkpoint-40").exists(), "the run ended before the kill"
+    kill_after_checkpoint(setup, killed, 4, 40, *steps, processes=processes)
     if case == "ddp-1-process":  # the weights are stored once, in the HF export, and resumed from there
         kept = os.listdir(killed / "sft_train" / "checkpoint-4" / "training_state")
         assert "optimizer.bin" in kept and not [name for name in kept if name.startswith("model")], kept
