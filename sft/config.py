@@ -449,6 +449,10 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
             return str(value)
         raise ConfigError(f"{path}: expected a string, got {value!r}")
     if origin is list:
+        if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], str):
+            value = value[0]  # the command line gives a list of its words
+        if isinstance(value, str) and value.strip().startswith("["):  # a YAML list given as one string: "[a, b]"
+            value = _yaml_value(path, value)
         if isinstance(value, str):
             return [value]
         if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
@@ -459,6 +463,15 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
             return value
         raise ConfigError(f"{path}: expected a mapping, got {value!r}")
     return value
+
+
+def _yaml_value(path: str, text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: cannot read {text!r} as a list: {error}") from None
 
 
 def _normalise_resume(value: Any) -> str:

@@ -92,12 +92,20 @@ def apply_lora(model, model_args):
     config = LoraConfig(r=model_args.lora_rank, lora_alpha=lora_alpha(model_args), lora_dropout=model_args.lora_dropout,
                         target_modules=target_modules(model_args),
                         modules_to_save=list(model_args.additional_target) or None, task_type="CAUSAL_LM")
+    full = [name for name, _ in model.named_modules() if name]
+    names = sorted({name.rsplit(".", 1)[-1] for name in full if not name.rsplit(".", 1)[-1].isdigit()})
+    # PEFT skips a listed name that matches no module without a word; a typo would train less than asked.
+    for field, wanted in (("lora_target", config.target_modules if isinstance(config.target_modules, set) else ()),
+                          ("additional_target", model_args.additional_target)):
+        unknown = sorted(name for name in wanted if not any(f == name or f.endswith("." + name) for f in full))
+        if unknown:
+            raise ConfigError(f"sft_train.model_args.{field}: no module of the model is named {', '.join(unknown)}; its "
+                              f"module names are: {', '.join(names)}")
     try:
         return get_peft_model(model, config)
-    except ValueError as error:  # PEFT names the target that matched nothing
-        names = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name})
-        raise ConfigError(f"sft_train.model_args.lora_target / additional_target: {error}. The model's module names "
-                          f"include: {', '.join(names)}") from None
+    except ValueError as error:  # a regex or all-linear that matched nothing; PEFT names it
+        raise ConfigError(f"sft_train.model_args.lora_target: {error}. The model's module names are: "
+                          f"{', '.join(names)}") from None
 
 
 def is_peft_model(model) -> bool:

@@ -46,6 +46,10 @@ def test_cli_overrides_yaml_and_types_are_coerced(tmp_path):
     assert config.sequence_length == 256
     assert config.sft_train.data_args.file_name == ["a.json"]  # a single path becomes a list
     assert config.template_name() == "chatml"  # global_template wins over data_args.template
+    # A list on the command line: words, or one YAML list.
+    for words in (["q_proj", "v_proj"], ["[q_proj, v_proj]"]):
+        listed = load_config(path, ["--sft_train.model_args.lora_target", *words], check_paths=False)
+        assert listed.sft_train.model_args.lora_target == ["q_proj", "v_proj"]
 
 
 def test_resume_values_normalise(tmp_path):

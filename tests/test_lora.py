@@ -148,3 +148,25 @@ def test_qlora_without_a_gpu_is_refused_with_one_line(setup, tmp_path):
     result = train(setup, tmp_path / "q", *LORA, "--sft_train.model_args.quantization_bit", "4", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "error: sft_train.model_args.quantization_bit: 4-bit QLoRA needs a CUDA GPU" in result.stderr
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"additional_target": ["lm_head", "embed"]}, "additional_target: no module of the model is named embed;"),
+    ({"lora_target": ["q_proj", "vproj"]}, "lora_target: no module of the model is named vproj;"),
+    ({"lora_target": [r".*\.nothing_proj"]}, "lora_target: "),
+])
+def test_a_target_that_names_no_module_is_refused_with_the_models_names(fields, message):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from sft.config import ConfigError, ModelArgs
+    from sft.lora import apply_lora
+
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(ConfigError) as caught:
+        apply_lora(model, ModelArgs(lora_rank=2, **fields))
+    assert message in str(caught.value) and "q_proj" in str(caught.value)
+    wrapped = apply_lora(model, ModelArgs(lora_rank=2, lora_target=["q_proj"], additional_target=["model.embed_tokens"]))
+    trained = [name for name, parameter in wrapped.named_parameters() if parameter.requires_grad]
+    assert trained and all(".q_proj.lora_" in name or "embed_tokens.modules_to_save" in name for name in trained)
+    assert any("embed_tokens.modules_to_save" in name for name in trained)
