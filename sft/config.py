@@ -160,7 +160,7 @@ class ModelArgs:
     """Initialise the weights randomly from the model config instead of loading them."""
     model_config: Optional[str] = None
     """Folder (or file) with the config.json used by from_scratch; default: pretrain."""
-    loss_chunk_size: int = 4096
+    loss_chunk_size: int = 1024
     """Target tokens per chunk of the output layer + cross-entropy, so a step's logits never all exist at once
     (0: all at once)."""
     lora_rank: int = 0

@@ -80,12 +80,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = F.linear(rows, weight, bias)  # F.linear, so autocast applies as in the unchunked path
             compute_dtype = logits.dtype
             logits = upcast(logits)
-            logsumexp = torch.logsumexp(logits, dim=-1)
-            chunk_loss = (logsumexp - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
+            # logsumexp and softmax in the logits' own storage: one chunk x vocabulary tensor alive at a time.
+            target_logits = logits.gather(1, chunk_targets[:, None]).squeeze(1)
+            row_max = logits.amax(dim=-1, keepdim=True)
+            exps = logits.sub_(row_max).exp_()
+            sums = exps.sum(dim=-1, keepdim=True)
+            chunk_loss = (sums.log() + row_max).squeeze(1).sub(target_logits).sum()
             total = chunk_loss if total is None else total + chunk_loss
             if not (need_hidden or need_weight or need_bias):
                 continue
-            grad_logits = logits.sub_(logsumexp[:, None]).exp_()  # softmax, in the logits' own storage
+            grad_logits = exps.div_(sums)  # softmax
             grad_logits[torch.arange(end - start, device=grad_logits.device), chunk_targets] -= 1
             grad_logits = grad_logits.to(compute_dtype)
             if need_hidden:
@@ -158,13 +162,14 @@ def _is_plain_linear(head: torch.nn.Module) -> bool:
 
 
 def chunked_head_loss(head: torch.nn.Module, head_forward: Callable, hidden: torch.Tensor, targets: torch.Tensor,
-                      chunk_size: int) -> torch.Tensor:
-    """Summed cross-entropy of the head's logits for targets-only hidden states (rows in target order)."""
+                      chunk_size: int, plain: bool) -> torch.Tensor:
+    """Summed cross-entropy of the head's logits for targets-only hidden states (rows in target order); ``plain``:
+    the head is a bare linear layer (see _is_plain_linear), whose weight can be used directly."""
     if hidden.dim() != 2 or hidden.shape[0] != targets.numel():
         raise UserError(f"the output layer got hidden states of shape {tuple(hidden.shape)}, not one row per target "
                         f"({targets.numel()}): this model ignores logits_to_keep; set "
                         "sft_train.model_args.loss_chunk_size: 0")
-    if _is_plain_linear(head):
+    if plain:
         return linear_cross_entropy(hidden, head.weight, head.bias, targets, chunk_size)
     return checkpointed_cross_entropy(head_forward, hidden, targets, chunk_size)
 
@@ -177,13 +182,14 @@ def head_returns_loss(head: torch.nn.Module, targets: torch.Tensor, chunk_size: 
     afterwards, whatever happens."""
     own_forward = vars(head).get("forward")  # a forward set on the instance by a hook library, kept as is
     original = head.forward
+    plain = _is_plain_linear(head)  # decided before this block replaces the instance's forward
     losses: list[torch.Tensor] = []
 
     def forward(hidden_states, *args, **kwargs):
         if args or kwargs:
             raise UserError(f"the output layer {type(head).__name__} was called with extra arguments; set "
                             "sft_train.model_args.loss_chunk_size: 0")
-        losses.append(chunked_head_loss(head, original, hidden_states, targets, chunk_size))
+        losses.append(chunked_head_loss(head, original, hidden_states, targets, chunk_size, plain))
         return losses[-1]
 
     head.forward = forward

@@ -85,6 +85,20 @@ def test_chunked_loss_equals_unchunked_and_full_logits(tied, packed):
     assert "forward" not in vars(model.lm_head) and set(model.state_dict()) == keys
 
 
+@pytest.mark.parametrize("wrapped_head", [False, True], ids=["linear_head", "peft_saved_head"])
+def test_a_plain_linear_head_takes_the_fused_path_and_a_wrapped_one_is_checkpointed(monkeypatch, wrapped_head):
+    import sft.loss
+
+    calls = {"fused": 0, "checkpointed": 0}
+    for name, key in (("linear_cross_entropy", "fused"), ("checkpointed_cross_entropy", "checkpointed")):
+        original = getattr(sft.loss, name)
+        monkeypatch.setattr(sft.loss, name, lambda *a, _f=original, _k=key, **k: calls.__setitem__(_k, calls[_k] + 1)
+                            or _f(*a, **k))
+    model = peft_model("all-linear", ["lm_head"]) if wrapped_head else tiny_model(tied=True)
+    loss_sum(model, batch(packed=False), 4)[0].backward()
+    assert calls == ({"fused": 0, "checkpointed": 1} if wrapped_head else {"fused": 1, "checkpointed": 0})
+
+
 def test_linear_cross_entropy_with_bias_frozen_weight_and_half_precision():
     torch.manual_seed(0)
     hidden = torch.randn(23, HIDDEN, dtype=torch.float64, requires_grad=True)
