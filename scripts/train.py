@@ -35,7 +35,7 @@ from sft.metrics import MFU, MetricsWindow, RunLog, RunTotals, device_peak_flops
 from sft.runstate import DataIdentity, RunState, check_resume, packing_of  # noqa: E402
 from sft.sampler import Layout, eval_shard  # noqa: E402
 from sft.schedule import Schedule  # noqa: E402
-from sft.strategies import build_accelerator, make_strategy  # noqa: E402
+from sft.strategies import build_accelerator, finish, make_strategy  # noqa: E402
 from sft.templates import get_template  # noqa: E402
 from sft.worker import SFTWorker  # noqa: E402
 
@@ -176,7 +176,7 @@ def main(config: SFTConfig) -> dict:
             log.line(f"prompt: {prompt!r}\n  before: {old!r}\n  after:  {new!r}")
     summary = totals.summary(run.step, run.tokens, run.samples)
     log.line("summary: " + json.dumps(summary))
-    accelerator.end_training()
+    finish(accelerator)
     return summary
 
 

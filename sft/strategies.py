@@ -408,3 +408,14 @@ def build_accelerator(config: SFTConfig, strategy: Strategy):
     )
     strategy.check_engine(accelerator)
     return accelerator
+
+
+def finish(accelerator) -> None:
+    """End the run's trackers and take the process group down before the interpreter exits: a gloo group left to
+    static destruction has aborted ranks at exit ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    accelerator.end_training()
+    if dist.is_available() and dist.is_initialized():
+        accelerator.wait_for_everyone()
+        dist.destroy_process_group()

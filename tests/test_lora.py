@@ -81,7 +81,7 @@ def test_lora_on_every_strategy_gives_the_same_losses_and_adapter(setup, tmp_pat
         assert torch.allclose(expected[name], saved[name], rtol=1e-4, atol=1e-6), (strategy, name)
     if strategy == "zero3":
         fresh, live = fresh_process_val_loss(out, 4, LOAD_ADAPTER)  # PEFT onto the base, in a fresh process
-    assert fresh == pytest.approx(live, rel=1e-5)
+        assert fresh == pytest.approx(live, rel=1e-5)
 
 
 def test_lora_with_packing_changes_nothing_but_speed(setup, tmp_path):
