@@ -60,8 +60,8 @@ def small_vocab_tokenizer(folder: str, vocab_size: int = 8192) -> str:
     return folder
 
 
-def setup(work: str, steps: int, batch: int, sequence_length: int = 512, packing: bool = False,
-          name: str = "run", shape: str = "tiny", tokenizer_dir: str = QWEN_TOKENIZER, attn: str = "sdpa") -> tuple[str, str]:
+def setup(work: str, steps: int, batch: int, sequence_length: int = 512, packing: bool = False, name: str = "run",
+          shape: str = "tiny", tokenizer_dir: str = QWEN_TOKENIZER, attn: str = "sdpa") -> tuple[str, str]:
     from transformers import AutoTokenizer, Qwen2Config
 
     model = os.path.join(work, f"model-{name}")
@@ -229,6 +229,7 @@ def packing_comparison(steps: int, lengths: list[int], shapes: list[str]) -> Non
     (our loss computes logits at target positions only), and the block mask costs row_length^2 per layer, so
     packing gains in proportion to the body's share of the work, and varlen most at long rows."""
     work = tempfile.mkdtemp(prefix="bench_train_packing_")
+    load_before = os.getloadavg()[0]
     labels = {"tiny": "tiny, Qwen2.5 vocab 151,665 (output layer ~99%)",
               "small": "hidden 512 x 4 layers, vocab 8,192 (output layer ~21%)"}
     tokenizers = {"tiny": QWEN_TOKENIZER}
@@ -249,9 +250,9 @@ def packing_comparison(steps: int, lengths: list[int], shapes: list[str]) -> Non
                 if used != attn:
                     raise SystemExit(f"{name}: ran with attention {used}, not {attn}")
             results.append((labels[shape], sequence_length, *rates))
-    print(f"\nscripts/train.py on alpaca_en_demo (qwen2_5 template), {steps} steps, fp32, CPU, load before "
-          f"{os.getloadavg()[0]:.2f}; effective (non-pad) tokens/s after warm-up. padded: {PADDED_SAMPLES} samples a "
-          "step; packed: 2 rows of <= 1024 tokens a step at 1024, 1 row at 4096; block mask: sdpa (transformers' "
+    print(f"\nscripts/train.py on alpaca_en_demo (qwen2_5 template), {steps} steps, fp32, CPU, 1-minute load "
+          f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after; effective (non-pad) tokens/s after warm-up. "
+          f"padded: {PADDED_SAMPLES} samples a step; packed: 2 rows of <= 1024 tokens a step at 1024, 1 row at 4096; block mask: sdpa (transformers' "
           "block-diagonal mask over the row); varlen: attention within each sample\n")
     print(f"| {'model':<54} | {'length':>6} | {'padded':>7} | {'block mask':>10} | {'varlen':>7} | "
           f"{'varlen / padded':>15} | {'varlen / block mask':>19} | {'block mask / padded':>19} |")

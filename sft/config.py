@@ -153,7 +153,8 @@ class ModelArgs:
     dtype: str = "bf16"
     """Compute precision: bf16, fp16 or fp32 (master weights and optimizer state stay fp32)."""
     attn_implementation: str = "auto"
-    """auto (flash_attention_2 on a GPU that has it, else sdpa), sdpa, eager or flash_attention_2."""
+    """auto (= varlen), varlen (per-sample attention for packed rows, sdpa's call otherwise), sdpa, eager,
+    flash_attention_2 or flex_attention."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     from_scratch: bool = False
@@ -284,7 +285,7 @@ class SFTConfig:
                               f"{self.sequence_length}, got {data.pad_to_multiple_of}")
         _check_choice("sft_train.model_args.dtype", self.sft_train.model_args.dtype, DTYPES)
         _check_choice("sft_train.model_args.attn_implementation", self.sft_train.model_args.attn_implementation,
-                      ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"))
+                      ("auto", "varlen", "sdpa", "eager", "flash_attention_2", "flex_attention"))
         from sft.lora import check_lora_args
 
         check_lora_args(self.sft_train.model_args)

@@ -264,7 +264,8 @@ def check_packing_backend(attn_implementation: str, use_cache: bool, rows_per_ba
 
     transformers' flash_attention_2 finds the samples in position_ids only when a batch is one row
     (modeling_flash_attention_utils._is_packed_sequence); with more rows it attends causally across each whole
-    row. So it needs rows_per_batch == 1, which a caller that does not say is not known to hold."""
+    row. So it is accepted only with rows_per_batch == 1 (the per-device batch size of packed rows); a caller that
+    does not give it gets it refused."""
     if use_cache:
         raise PackingError("packing needs model.config.use_cache = False: with the cache on, transformers ignores "
                            "position_ids restarts and samples attend to each other")
