@@ -64,7 +64,8 @@ class SFTWorker:
         if "position_ids" in self.train_data.column_names:
             from sft.packing import check_packing_backend
 
-            check_packing_backend(attn, model.config.use_cache)
+            rows_per_batch = config.sft_train.training_args.per_device_train_batch_size
+            check_packing_backend(attn, model.config.use_cache, rows_per_batch)
         self.model, self.optimizer = self.strategy.prepare(self.accelerator, model, self._optimizer_for)
         return {"parameters": self.parameter_count, "trainable": trainable, "attention": attn,
                 "init_seconds": time.perf_counter() - start}
