@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -212,6 +214,40 @@ def attention_used(work: str, name: str) -> str:
     return log.split(", attention ", 1)[1].split(",", 1)[0]
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds all processes on this machine have been busy since boot (/proc/stat: all but idle and iowait)."""
+    fields = [int(value) for value in open("/proc/stat", encoding="ascii").readline().split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+# The CPU is shared: a run during which other processes took more than OTHERS_LIMIT of the machine's CPU time is
+# run again (from scratch), up to RUN_ATTEMPTS times, and the least disturbed attempt is kept and reported.
+OTHERS_LIMIT = 0.05
+RUN_ATTEMPTS = 6
+
+
+def ours_alone(config: str, work: str, name: str) -> tuple[float, float]:
+    """ours(), measured while the machine is otherwise idle: (tokens/s, the share of CPU others took meanwhile)."""
+    best = None
+    for _ in range(RUN_ATTEMPTS):
+        shutil.rmtree(os.path.join(work, name), ignore_errors=True)  # a fresh run, never a resume
+        busy, ours_cpu, start = busy_cpu_seconds(), children_cpu_seconds(), time.perf_counter()
+        rate = ours(config, work, name)
+        others = (busy_cpu_seconds() - busy) - (children_cpu_seconds() - ours_cpu)
+        share = max(0.0, others) / ((time.perf_counter() - start) * os.cpu_count())
+        if best is None or share < best[1]:
+            best = (rate, share)
+        if share <= OTHERS_LIMIT:
+            break
+        print(f"{name}: other processes took {share:.0%} of the CPU meanwhile; running it again", file=sys.stderr)
+    return best
+
+
 # (label, packed, attention): padded batches, packed rows with transformers' block mask, packed rows per sample.
 PACKING_VARIANTS = (("padded", False, "sdpa"), ("packed, block mask", True, "sdpa"), ("packed, varlen", True, "varlen"))
 PADDED_SAMPLES = 8  # samples a step, padded to the longest
@@ -238,28 +274,32 @@ def packing_comparison(steps: int, lengths: list[int], shapes: list[str]) -> Non
     results = []
     for shape in shapes:
         for sequence_length in lengths:
-            rates = []
+            rates, disturbed = [], 0.0
             for variant, packing, attn in PACKING_VARIANTS:
                 name = f"{shape}-{sequence_length}-{variant.replace(', ', '-').replace(' ', '_')}"
                 batch = packed_rows_per_step(sequence_length) if packing else PADDED_SAMPLES
                 config, _ = setup(work, steps, batch, sequence_length=sequence_length, packing=packing, name=name,
                                   shape=shape, tokenizer_dir=tokenizers[shape], attn=attn)
                 accepted_attention(config, attn)
-                rates.append(ours(config, work, name))
+                rate, others = ours_alone(config, work, name)
+                rates.append(rate)
+                disturbed = max(disturbed, others)
                 used = attention_used(work, name)
                 if used != attn:
                     raise SystemExit(f"{name}: ran with attention {used}, not {attn}")
-            results.append((labels[shape], sequence_length, *rates))
+            results.append((labels[shape], sequence_length, *rates, disturbed))
     print(f"\nscripts/train.py on alpaca_en_demo (qwen2_5 template), {steps} steps, fp32, CPU, 1-minute load "
           f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after; effective (non-pad) tokens/s after warm-up. "
-          f"padded: {PADDED_SAMPLES} samples a step; packed: 2 rows of <= 1024 tokens a step at 1024, 1 row at 4096; block mask: sdpa (transformers' "
-          "block-diagonal mask over the row); varlen: attention within each sample\n")
+          f"padded: {PADDED_SAMPLES} samples a step; packed: 2 rows of <= 1024 tokens a step at 1024, 1 row at 4096; "
+          "block mask: sdpa (transformers' block-diagonal mask over the row); varlen: attention within each sample\n")
     print(f"| {'model':<54} | {'length':>6} | {'padded':>7} | {'block mask':>10} | {'varlen':>7} | "
-          f"{'varlen / padded':>15} | {'varlen / block mask':>19} | {'block mask / padded':>19} |")
-    print(f"|{'-' * 56}|{'-' * 7}:|{'-' * 8}:|{'-' * 11}:|{'-' * 8}:|{'-' * 16}:|{'-' * 20}:|{'-' * 20}:|")
-    for label, sequence_length, padded, block, varlen in results:
+          f"{'varlen / padded':>15} | {'varlen / block mask':>19} | {'block mask / padded':>19} | {'others':>6} |")
+    print(f"|{'-' * 56}|{'-' * 7}:|{'-' * 8}:|{'-' * 11}:|{'-' * 8}:|{'-' * 16}:|{'-' * 20}:|{'-' * 20}:|{'-' * 7}:|")
+    for label, sequence_length, padded, block, varlen, disturbed in results:
         print(f"| {label:<54} | {sequence_length:>6} | {padded:>7,.0f} | {block:>10,.0f} | {varlen:>7,.0f} | "
-              f"{varlen / padded:>15.2f} | {varlen / block:>19.2f} | {block / padded:>19.2f} |")
+              f"{varlen / padded:>15.2f} | {varlen / block:>19.2f} | {block / padded:>19.2f} | {disturbed:>6.0%} |")
+    print(f"\nothers: the most CPU other processes took during the row's three runs (a run is repeated, up to "
+          f"{RUN_ATTEMPTS} times, while others take more than {OTHERS_LIMIT:.0%})")
 
 
 def main() -> None:
