@@ -342,7 +342,7 @@ class SFTConfig:
 
         if self.pretrain is None:
             raise ConfigError("pretrain: not set; give the model (or tokenizer) folder or hub id")
-        if not os.path.exists(self.pretrain) and not _looks_like_hub_id(self.pretrain):
+        if not os.path.exists(self.pretrain) and not looks_like_hub_id(self.pretrain):
             raise ConfigError(f"pretrain: folder not found: {self.pretrain}")
         encoded = self.sft_train.data_args.encoded_path
         if encoded is not None and not os.path.isdir(os.path.join(encoded, "train")):
@@ -359,7 +359,8 @@ class SFTConfig:
                     raise ConfigError(f"{name}: {problem}")
 
 
-def _looks_like_hub_id(name: str) -> bool:
+def looks_like_hub_id(name: str) -> bool:
+    """org/name, as the Hub names models and datasets (not a relative path such as ./a/b)."""
     return bool(re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", name)) and not name.startswith((".", "/"))
 
 

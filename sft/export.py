@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from sft import checkpoint as ckpt
+from sft.config import looks_like_hub_id
 from sft.errors import UserError
 
 MODEL_CONFIG = "config.json"
@@ -44,7 +45,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 DEFAULT_TEMPLATE = "native"  # what a model folder without template.json was trained with
 _CHECKPOINT_NAME = re.compile(r"^(\.tmp-)?checkpoint-\d+$")
-_HUB_ID = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
 
 
 class ExportError(UserError):
@@ -111,10 +111,6 @@ def find_model_folder(path: str, cluster_name: Optional[str] = None, flag: str =
     return ckpt.model_dir(checkpoint, name)
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    return bool(_HUB_ID.fullmatch(name)) and not name.startswith((".", "/"))
-
-
 @dataclass(frozen=True)
 class ModelSource:
     """A model folder and what loading it takes: the base model an adapter goes onto, the chat template."""
@@ -151,7 +147,7 @@ def model_source(folder: str, base: Optional[str] = None) -> ModelSource:
         raise ExportError(f"{os.path.join(folder, ckpt.ADAPTER_CONFIG)} names no base model; give its folder with "
                           "--base DIR")
     # A base that is not a local folder may be a Hub id (org/name), which transformers finds in its cache.
-    if not os.path.isdir(chosen) and not (_looks_like_hub_id(chosen) and not os.path.exists(chosen)):
+    if not os.path.isdir(chosen) and not (looks_like_hub_id(chosen) and not os.path.exists(chosen)):
         where = "--base" if base else f"{ckpt.ADAPTER_CONFIG}'s base_model_name_or_path"
         raise ExportError(f"base model folder {chosen} (from {where}) does not exist; if the base has moved, give "
                           "its folder with --base DIR")

@@ -27,11 +27,11 @@ from sft.loss import head_returns_loss, output_layer, returned_loss, upcast
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def attention_implementation(requested: str, on_gpu: bool = False) -> str:
+def attention_implementation(requested: str) -> str:
     """The attention backend to load the model with: what was asked for, and for 'auto' varlen (sft/attention.py,
     registered with transformers here), on any device and for packed and unpacked runs alike.
 
-    varlen picks its kernel per call, so on_gpu does not change the choice: packed rows go through torch's
+    varlen picks its kernel per call, so the device does not change the choice: packed rows go through torch's
     FlashAttention varlen kernel on a GPU (torch >= 2.10, fp16/bf16) or per-sample SDPA elsewhere; unpacked
     batches make exactly sdpa's call. flash_attention_2 is not picked: transformers' version separates packed
     samples only in a batch of one row (sft/packing.py check_packing_backend)."""

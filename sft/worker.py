@@ -49,7 +49,7 @@ class SFTWorker:
         """Load the model and let the strategy prepare it; returns metrics (parameter count, load time)."""
         start = time.perf_counter()
         config, model_args = self.config, self.config.sft_train.model_args
-        attn = attention_implementation(model_args.attn_implementation, torch.cuda.is_available())
+        attn = attention_implementation(model_args.attn_implementation)
         check_quantization(model_args, torch.cuda.is_available())
         model = load_model(config.pretrain, "fp32", attn, from_scratch=model_args.from_scratch,
                            model_config=model_args.model_config, seed=config.seed,

@@ -229,5 +229,5 @@ def test_packing_accepts_varlen_and_refuses_multi_row_flash_attention_2():
 def test_auto_picks_varlen():
     from sft.modeling import attention_implementation
 
-    assert attention_implementation("auto", on_gpu=False) == "varlen"
-    assert attention_implementation("sdpa", on_gpu=False) == "sdpa"
+    assert attention_implementation("auto") == "varlen"
+    assert attention_implementation("sdpa") == "sdpa"
