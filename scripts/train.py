@@ -103,8 +103,13 @@ def main(config: SFTConfig) -> dict:
         log.line(f"resumed from {resume} at step {run.step} ({run.samples:,} samples, {run.tokens:,} tokens seen)")
     for note in notes:
         log.line(f"note: {note}")
-    trains = f"{adapter}: {info['trainable'] / 1e6:.2f}M trainable" if adapter else "all trainable"
-    log.line(f"model {info['parameters'] / 1e6:.2f}M parameters ({trains}), attention {info['attention']}, strategy {strategy.name}, "
+    trains = f"{adapter}: {info.trainable / 1e6:.2f}M trainable" if adapter else "all trainable"
+    router = "" if info.router_aux_loss_coef is None else f", router loss x {info.router_aux_loss_coef:g}"
+    mixers = f", {info.per_sample_mixers} recurrent/conv layers per sample" if info.per_sample_mixers else ""
+    log.line(f"model {info.architecture}{router}{mixers}")
+    if info.adapters:
+        log.line(f"LoRA adapters on: {info.adapters}")
+    log.line(f"model {info.parameters / 1e6:.2f}M parameters ({trains}), attention {info.attention}, strategy {strategy.name}, "
              f"{layout.processes} process(es) | {len(train):,} samples, {per_epoch} steps/epoch, {total_steps} steps, "
              f"global batch {layout.global_batch}")
     if "position_ids" in train.column_names:
@@ -123,7 +128,7 @@ def main(config: SFTConfig) -> dict:
 
     # ----- loop ------------------------------------------------------------------------------------
     peak_flops = device_peak_flops(config)
-    mfu = MFU(worker.model_config, worker.parameter_count, peak_flops, layout.processes) if peak_flops else None
+    mfu = MFU(worker.model_config, worker.active_parameter_count, peak_flops, layout.processes) if peak_flops else None
     window, totals = MetricsWindow(), RunTotals(last_checkpoint=run.step if resume else -1)
     if run.step >= total_steps:
         log.line(f"nothing to train: the checkpoint is at step {run.step} of {total_steps}; raise "

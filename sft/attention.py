@@ -11,7 +11,8 @@ lengths, and no mask is built at all::
     sdpa, eager    one 7 x 7 masked product per row
     varlen         causal attention within 3 x 3, 2 x 2 and 2 x 2 blocks
 
-``register()`` adds an attention function and a mask function under the name "varlen" to transformers'
+``register()`` adds an attention function and a mask function under the name "varlen" (and "varlen_eager", the
+same with the model's eager math in every layer: what a packed run that asks for eager gets) to transformers'
 AttentionInterface and AttentionMaskInterface (importing this module registers them). The mask function builds
 nothing when the batch has no 2D attention_mask and otherwise builds sdpa's mask, so each layer sees:
 
@@ -27,14 +28,23 @@ position_ids reach the attention function as a keyword argument (model -> decode
 attention function), as for transformers' own flash_attention_2. The sample offsets are computed once per
 forward, on the first layer, and reused by the others (and by gradient checkpointing's recomputation): they
 are cached on the position_ids tensor object and its version counter. Grouped-query attention is handled
-(enable_gqa), attention dropout too (per-sample SDPA); sliding-window layers, logit soft-capping and attention
-sinks are refused by name. Eager mode only: the offsets are Python integers read from the data.
+(enable_gqa), attention dropout too (per-sample SDPA). Model features, in both paths (packed or not):
+
+* sliding-window layers (Mistral, Gemma 2/3, gpt-oss): key j is seen from query i when i - window < j <= i,
+  transformers' rule (masking_utils.sliding_window_overlay), within each sample; the FlashAttention kernel
+  takes it as window_size where this torch has it;
+* attention sinks (gpt-oss) and logit soft-capping (Gemma 2): the model's own eager attention function (the
+  ``eager_attention_forward`` of its modeling file, which adds the sink logit or caps the scores) runs on each
+  sample with that sample's causal (and window) mask, so the math is the model's, only the mask is per sample.
+
+Eager mode only: the offsets are Python integers read from the data.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -43,10 +53,11 @@ import torch.nn.functional as F
 from sft.errors import UserError
 
 VARLEN = "varlen"
+VARLEN_EAGER = "varlen_eager"  # per sample, as varlen, with the model's eager math in every layer
 
 
 class VarlenAttentionError(UserError):
-    """A model feature that per-sample attention does not implement (sliding window, soft-capping, sinks)."""
+    """A model feature that per-sample attention cannot run (an attention layer whose model has no eager function)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,34 @@ def _cached_segments(position_ids: torch.Tensor, batch_size: int, row_length: in
     return segments
 
 
+# The samples of the packed forward in progress, read by the model's pre-hook (watch_packed_rows): for models whose
+# attention layers do not get position_ids (Granite 4) and for the per-sample mixers of sft/hybrid.py.
+_forward: Segments | None = None
+CACHE_KEYS = ("cache", "past_key_values", "cache_params", "past_key_value")
+
+
+def watch_packed_rows(model: torch.nn.Module) -> None:
+    """Read the samples of each forward of ``model`` once, from its position_ids (None when it is not packed: an
+    attention_mask, a cache, or no restart). Gradient checkpointing recomputes before the next forward, so it sees
+    the same samples."""
+    def read(_module, _args, kwargs):
+        global _forward
+        position_ids = kwargs.get("position_ids")
+        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        _forward = None
+        if (position_ids is not None and tokens is not None and kwargs.get("attention_mask") is None
+                and not any(kwargs.get(key) is not None for key in CACHE_KEYS)):
+            _forward = _cached_segments(position_ids, tokens.shape[0], tokens.shape[1])
+    model.register_forward_pre_hook(read, with_kwargs=True)
+
+
+def forward_segments(batch_size: int, row_length: int) -> Segments | None:
+    """The packed samples of the forward in progress, when they cover ``batch_size`` rows of ``row_length``."""
+    if _forward is None or sum(_forward.lengths) != batch_size * row_length or len(_forward.row_lengths) != batch_size:
+        return None
+    return _forward
+
+
 def varlen_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
     """Mask function for "varlen": no mask for a batch without a 2D attention_mask (the attention function reads
     position_ids instead), sdpa's mask otherwise (padding, or extra mask functions a model adds)."""
@@ -115,36 +154,100 @@ def varlen_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
 
 def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                             **kwargs) -> tuple[torch.Tensor, None]:
+                             eager_math: bool = False, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function interface: query (batch, heads, T, head_dim), key and value
-    (batch, kv_heads, T, head_dim) -> output (batch, T, heads, head_dim), no weights."""
+    (batch, kv_heads, T, head_dim) -> output (batch, T, heads, head_dim), no weights. ``eager_math`` (the
+    "varlen_eager" registration) runs the model's own eager function within each sample, whatever the layer."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    layer = f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')})"
-    if kwargs.get("sliding_window") is not None:
-        raise VarlenAttentionError(
-            f"attn_implementation varlen does not implement sliding-window attention: {layer} has sliding_window="
-            f"{kwargs['sliding_window']}; use sdpa (or turn the window off in the model config)")
-    for feature in ("softcap", "s_aux"):
-        if kwargs.get(feature) is not None:
-            raise VarlenAttentionError(f"attn_implementation varlen does not implement {feature} ({layer}); use eager")
+    window = kwargs.get("sliding_window")
+    own_math = model_eager_function(module) if eager_math or _needs_own_math(kwargs) else None
     batch_size, _, row_length, _ = query.shape
     position_ids = kwargs.get("position_ids")
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
     segments = None
-    if (attention_mask is None and position_ids is not None and causal and row_length > 1
-            and key.shape[2] == row_length and kwargs.get("position_bias") is None):
-        segments = _cached_segments(position_ids, batch_size, row_length)
-    if segments is None:  # not packed: exactly what attn_implementation="sdpa" computes
+    if (attention_mask is None and causal and row_length > 1 and key.shape[2] == row_length
+            and kwargs.get("position_bias") is None):
+        segments = (_cached_segments(position_ids, batch_size, row_length) if position_ids is not None
+                    else forward_segments(batch_size, row_length))
+    if segments is None:  # not packed: sdpa's call, or the model's own math, over the whole rows
+        if attention_mask is None and causal and (own_math is not None or _window_bites(window, key.shape[2])):
+            attention_mask = causal_mask(row_length, key.shape[2], window, query.device)
+        if own_math is not None:
+            return own_math(module, query, key, value, additive(attention_mask, query.dtype), scaling=scaling,
+                            dropout=dropout, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if own_math is not None:
+        return own_math_per_sample(own_math, module, query, key, value, segments, window, scaling, dropout, kwargs), None
     output = None
     kernel, dtype = _torch_varlen(), _half_dtype(query)
     if query.is_cuda and dropout == 0.0 and kernel is not None and dtype is not None:
-        output = flash_varlen(query, key, value, segments, scaling, kernel, dtype)
+        output = flash_varlen(query, key, value, segments, scaling, kernel, dtype, window)
     if output is None:
-        output = segment_attention(query, key, value, segments, scaling, dropout)
+        output = segment_attention(query, key, value, segments, scaling, dropout, window)
     return output, None
+
+
+def _needs_own_math(kwargs: dict) -> bool:
+    """Attention sinks (gpt-oss's s_aux) or logit soft-capping (Gemma 2): math that SDPA does not do."""
+    return kwargs.get("s_aux") is not None or kwargs.get("softcap") is not None
+
+
+def model_eager_function(module: torch.nn.Module):
+    """The eager attention function of the module's own modeling file (it knows the model's sinks, soft-capping)."""
+    function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if function is None:
+        raise VarlenAttentionError(
+            f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) has attention sinks or soft-capping "
+            f"and its modeling file {type(module).__module__} has no eager_attention_forward to compute them per sample;"
+            " set sft_train.model_args.attn_implementation: eager and turn packing off")
+    return function
+
+
+def _window_bites(window: int | None, key_length: int) -> bool:
+    return window is not None and window < key_length
+
+
+def causal_mask(query_length: int, key_length: int, window: int | None, device) -> torch.Tensor:
+    """(1, 1, query_length, key_length) bool, True = attend: causal, the queries being the last query_length
+    positions (a KV cache holds the earlier ones), and within ``window`` when given: i - window < j <= i."""
+    queries = torch.arange(key_length - query_length, key_length, device=device)[:, None]
+    keys = torch.arange(key_length, device=device)[None, :]
+    allowed = keys <= queries
+    if window is not None:
+        allowed &= keys > queries - window
+    return allowed[None, None]
+
+
+def additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A bool mask (True = attend) as eager functions take it: 0 where attended, the dtype's minimum elsewhere."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    # float32's minimum for float64 too: eager functions that softmax in float32 turn float64's minimum into -inf,
+    # and a row with nothing to attend (a padding query past a window) into NaN.
+    lowest = torch.finfo(torch.float32 if dtype == torch.float64 else dtype).min
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, lowest)
+
+
+def own_math_per_sample(function, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        segments: Segments, window: int | None, scaling: float | None, dropout: float,
+                        kwargs: dict) -> torch.Tensor:
+    """The model's eager function on each sample alone, with the sample's causal (and window) mask."""
+    rows = []
+    masks: dict[int, torch.Tensor] = {}
+    for lengths, row_query, row_key, row_value in zip(segments.row_lengths, query.unbind(0), key.unbind(0),
+                                                      value.unbind(0)):
+        outputs = []
+        for q, k, v in zip(row_query.split(lengths, 1), row_key.split(lengths, 1), row_value.split(lengths, 1)):
+            length = q.shape[1]
+            if length not in masks:
+                masks[length] = additive(causal_mask(length, length, window, query.device), query.dtype)
+            output, _ = function(module, q[None], k[None], v[None], masks[length], scaling=scaling, dropout=dropout,
+                                 **kwargs)
+            outputs.append(output[0])  # (length, heads, dim)
+        rows.append(torch.cat(outputs, dim=0))
+    return torch.stack(rows)  # (batch, T, heads, dim)
 
 
 def _flat(states: torch.Tensor) -> torch.Tensor:
@@ -154,22 +257,30 @@ def _flat(states: torch.Tensor) -> torch.Tensor:
 
 
 def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: Segments,
-                      scaling: float | None, dropout: float = 0.0) -> torch.Tensor:
+                      scaling: float | None, dropout: float = 0.0, window: int | None = None) -> torch.Tensor:
     """Causal SDPA within each sample, one call per sample on a view of its row: nothing is copied going in.
 
     unbind and split keep autograd cheap (their backwards are one stack and one concatenation, where indexing or
     slicing would give every sample a zero-filled gradient the size of the batch). Batching samples was not
     worth it on CPU (measured, one thread, forward and backward of a 4,096-token row): 812 samples of 2-8 tokens
     take 85 ms in 812 calls and 76 ms stacked by length into 8; padded to shared lengths, 210 ms; and for
-    samples of 100-600 tokens any padding is slower. The row's block mask takes 1.7 s."""
+    samples of 100-600 tokens any padding is slower. The row's block mask takes 1.7 s. A sample longer than a
+    sliding window gets its causal window mask; a shorter one is plain causal."""
     extra = {"enable_gqa": True} if key.shape[1] != query.shape[1] else {}
+
+    def attend(q, k, v):
+        length = q.shape[1]
+        if not _window_bites(window, length):
+            return F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout, is_causal=True,
+                                                  scale=scaling, **extra)[0]
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=causal_mask(length, length, window,
+                                              q.device), dropout_p=dropout, scale=scaling, **extra)[0]
+
     rows = []
     for lengths, row_query, row_key, row_value in zip(segments.row_lengths, query.unbind(0), key.unbind(0),
                                                       value.unbind(0)):
         samples = zip(row_query.split(lengths, 1), row_key.split(lengths, 1), row_value.split(lengths, 1))
-        rows.append(torch.cat([F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout,
-                                                              is_causal=True, scale=scaling, **extra)[0]
-                               for q, k, v in samples], dim=1))
+        rows.append(torch.cat([attend(q, k, v) for q, k, v in samples], dim=1))
     return torch.stack(rows).transpose(1, 2).contiguous()  # (batch, T, heads, dim), as sdpa_attention_forward
 
 
@@ -194,9 +305,9 @@ def _half_dtype(query: torch.Tensor) -> torch.dtype | None:
 
 
 def flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: Segments,
-                 scaling: float | None, kernel: tuple, dtype: torch.dtype) -> torch.Tensor | None:
+                 scaling: float | None, kernel: tuple, dtype: torch.dtype, window: int | None = None) -> torch.Tensor | None:
     """One varlen_attn call over all samples in `dtype`, or None where this torch's kernel does not apply (head
-    size, a scale it cannot take). `kernel`: (varlen_attn, the keyword names it takes)."""
+    size, a scale or a sliding window it cannot take). `kernel`: (varlen_attn, the keyword names it takes)."""
     varlen_attn, parameters = kernel
     head_dim = query.shape[-1]
     if head_dim % 8 or head_dim > 256 or value.shape[-1] != head_dim:
@@ -206,7 +317,11 @@ def flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, se
         if "scale" not in parameters:  # torch 2.10's varlen_attn has no scale
             return None
         extra["scale"] = scaling
-    extra.update({"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True})
+    if _window_bites(window, segments.max_length) and "window_size" not in parameters:
+        return None
+    # FlashAttention's window (left, right) counts keys before the query: i - window < j <= i is (window - 1, 0).
+    left = window - 1 if _window_bites(window, segments.max_length) else -1
+    extra.update({"window_size": (left, 0)} if "window_size" in parameters else {"is_causal": True})
     batch_size, heads, row_length, _ = query.shape
     flat_query, flat_key, flat_value = (_flat(states).to(dtype) for states in (query, key, value))
     groups = heads // key.shape[1]
@@ -228,6 +343,8 @@ def register() -> None:
 
     AttentionInterface.register(VARLEN, varlen_attention_forward)
     AttentionMaskInterface.register(VARLEN, varlen_mask)
+    AttentionInterface.register(VARLEN_EAGER, functools.partial(varlen_attention_forward, eager_math=True))
+    AttentionMaskInterface.register(VARLEN_EAGER, varlen_mask)
 
 
 register()

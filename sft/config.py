@@ -153,8 +153,9 @@ class ModelArgs:
     dtype: str = "bf16"
     """Compute precision: bf16, fp16 or fp32 (master weights and optimizer state stay fp32)."""
     attn_implementation: str = "auto"
-    """auto (= varlen), varlen (per-sample attention for packed rows, sdpa's call otherwise), sdpa, eager,
-    flash_attention_2 or flex_attention."""
+    """auto (per-sample attention with the math the model runs with: varlen for sdpa models, varlen_eager for
+    eager-only ones such as gpt-oss and Gemma 2), varlen, varlen_eager, sdpa, eager, flash_attention_2 or
+    flex_attention. A packed run that names sdpa or eager gets that math per sample (varlen / varlen_eager)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     from_scratch: bool = False
@@ -175,6 +176,9 @@ class ModelArgs:
     (q_proj, v_proj, ...), or one regex over full module names."""
     additional_target: list[str] = field(default_factory=list)
     """Modules trained in full beside the adapters, e.g. [embed_tokens, lm_head] for new tokens."""
+    router_aux_loss_coef: Optional[float] = None
+    """MoE models: weight of the router's load-balancing loss in the objective (per sample, sft/moe.py); default:
+    the model config's router_aux_loss_coef (Qwen3-MoE 0.001, Mixtral 0.02); 0 turns it off."""
     quantization_bit: int = 0
     """4: QLoRA, the frozen base in 4-bit NF4 through bitsandbytes (needs a GPU and lora_rank > 0); 0: off."""
 
@@ -285,13 +289,16 @@ class SFTConfig:
                               f"{self.sequence_length}, got {data.pad_to_multiple_of}")
         _check_choice("sft_train.model_args.dtype", self.sft_train.model_args.dtype, DTYPES)
         _check_choice("sft_train.model_args.attn_implementation", self.sft_train.model_args.attn_implementation,
-                      ("auto", "varlen", "sdpa", "eager", "flash_attention_2", "flex_attention"))
+                      ("auto", "varlen", "varlen_eager", "sdpa", "eager", "flash_attention_2", "flex_attention"))
         from sft.lora import check_lora_args
 
         check_lora_args(self.sft_train.model_args)
         if self.sft_train.model_args.loss_chunk_size < 0:
             raise ConfigError(f"sft_train.model_args.loss_chunk_size: must not be negative (0: no chunks), "
                               f"got {self.sft_train.model_args.loss_chunk_size}")
+        if (self.sft_train.model_args.router_aux_loss_coef or 0.0) < 0:
+            raise ConfigError("sft_train.model_args.router_aux_loss_coef: must not be negative (0: off), got "
+                              f"{self.sft_train.model_args.router_aux_loss_coef}")
         args = self.sft_train.training_args
         # Choices owned by the modules that implement them (torch-free at import; sft.strategies imports this module).
         from sft.runstate import ACCEPTABLE_CHANGES

@@ -77,8 +77,32 @@ def target_modules(model_args):
     return targets
 
 
-def apply_lora(model, model_args):
-    """The model wrapped with LoRA adapters (a PeftModel); the base's weights are frozen."""
+def moe_targets(model, experts: int) -> tuple[list[str], list[str], list[str]]:
+    """``all-linear`` on an MoE model: (every linear layer but the output layer and the routers, every fused expert
+    weight (a 3D parameter, one slice per expert), the routers left frozen).
+
+    The router stays frozen by default: it decides which expert sees which token, and a small fine-tuning set
+    moving it shifts the experts' load away from what pretraining balanced. PEFT's own ``all-linear`` adapts it for
+    some families (Qwen3-MoE, Mixtral) and not others (gpt-oss); naming it (``lora_target: [..., gate]``) adapts it.
+    """
+    import torch
+
+    head = model.get_output_embeddings()
+    routers = [name for name, module in model.named_modules()
+               if name.rsplit(".", 1)[-1] in ("gate", "router") and getattr(module, "weight", None) is not None
+               and module.weight.dim() == 2 and module.weight.shape[0] == experts]
+    linear = [name for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and module is not head and name not in routers]
+    fused = [f"{name}.{parameter_name}" for name, module in model.named_modules()
+             if not isinstance(module, torch.nn.modules.conv._ConvNd)
+             for parameter_name, parameter in module.named_parameters(recurse=False)
+             if parameter.dim() == 3 and parameter.shape[0] == experts]
+    return linear, fused, routers
+
+
+def apply_lora(model, model_args, experts: int = 0):
+    """The model wrapped with LoRA adapters (a PeftModel); the base's weights are frozen. ``experts``: routed experts
+    per MoE layer (0: dense), for all-linear's choice on MoE models (moe_targets)."""
     from peft import LoraConfig, get_peft_model
 
     if model_args.quantization_bit:
@@ -89,13 +113,17 @@ def apply_lora(model, model_args):
     name = getattr(model, "name_or_path", "")
     if name and os.path.isdir(name):  # adapter_config.json names the base: absolute, so export and chat find it anywhere
         model.name_or_path = os.path.abspath(name)
+    targets, parameters = target_modules(model_args), None
+    if targets == ALL_LINEAR and experts:
+        targets, parameters, _ = moe_targets(model, experts)
     config = LoraConfig(r=model_args.lora_rank, lora_alpha=lora_alpha(model_args), lora_dropout=model_args.lora_dropout,
-                        target_modules=target_modules(model_args),
+                        target_modules=targets, target_parameters=parameters or None,
                         modules_to_save=list(model_args.additional_target) or None, task_type="CAUSAL_LM")
     full = [name for name, _ in model.named_modules() if name]
     names = sorted({name.rsplit(".", 1)[-1] for name in full if not name.rsplit(".", 1)[-1].isdigit()})
     # PEFT skips a listed name that matches no module without a word; a typo would train less than asked.
-    for field, wanted in (("lora_target", config.target_modules if isinstance(config.target_modules, set) else ()),
+    named = config.target_modules if isinstance(config.target_modules, set) and not parameters else ()
+    for field, wanted in (("lora_target", named),
                           ("additional_target", model_args.additional_target)):
         unknown = sorted(name for name in wanted if not any(f == name or f.endswith("." + name) for f in full))
         if unknown:
@@ -108,12 +136,18 @@ def apply_lora(model, model_args):
                           f"{', '.join(names)}") from None
 
 
-def is_peft_model(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
+def adapted_modules(model) -> str:
+    """Which modules and expert weights of a PeftModel carry adapters, for the run report: each module path with
+    the layer number folded (``layers.*.self_attn.q_proj x 4``), fused expert weights by parameter name."""
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if not hasattr(module, "lora_A") or not module.lora_A:
+            continue
+        path = re.sub(r"\.\d+\.", ".*.", name.removeprefix("base_model.model.").replace(".base_layer", ""))
+        parameter = getattr(module, "parameter_name", None)
+        key = f"{path}[{parameter}]" if parameter else path
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{key} x {count}" for key, count in sorted(counts.items()))
 
 
 def load_adapter_weights(model, folder: str, device) -> None:

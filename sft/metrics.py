@@ -44,6 +44,11 @@ class StepResult:
     """Moving the step's batches to the device and counting them across processes."""
     forward_backward_seconds: float
     optimizer_seconds: float
+    aux_sum: float = 0.0
+    """MoE: sum over samples of tokens x router balance loss (sft/moe.py); train/aux_loss = aux_sum / router_tokens."""
+    router_tokens: int = 0
+    expert_counts: Optional[object] = None
+    """MoE: (layers, experts) tensor of top-k choices over the step's tokens; None without a router."""
 
     @property
     def loss(self) -> float:
@@ -87,12 +92,18 @@ class MetricsWindow:
     data_seconds: float = 0.0
     forward_backward_seconds: float = 0.0
     optimizer_seconds: float = 0.0
+    aux_sum: float = 0.0
+    router_tokens: int = 0
+    expert_counts: Optional[object] = None
 
     def add(self, result: StepResult, seconds: float, wait_seconds: float) -> None:
         """Add a step that took ``seconds`` of wall time, ``wait_seconds`` of it waiting for its batches."""
         for name in ("loss_sum", "target_tokens", "tokens", "padded_tokens", "samples", "forward_backward_seconds",
-                     "optimizer_seconds"):
+                     "optimizer_seconds", "aux_sum", "router_tokens"):
             setattr(self, name, getattr(self, name) + getattr(result, name))
+        if result.expert_counts is not None and result.expert_counts.numel():
+            self.expert_counts = (result.expert_counts if self.expert_counts is None
+                                  else self.expert_counts + result.expert_counts)
         self.data_seconds += wait_seconds + result.data_seconds
         self.seconds += seconds
         self.steps += 1
@@ -112,6 +123,12 @@ class MetricsWindow:
             "time/optimizer": self.optimizer_seconds, "time/step": self.seconds / self.steps,
             "memory/peak_gib": peak_memory_bytes() / 2**30,
         }
+        if self.router_tokens:
+            values["train/aux_loss"] = self.aux_sum / self.router_tokens
+        if self.expert_counts is not None:
+            from sft.moe import expert_load
+
+            values.update(expert_load(self.expert_counts))
         if mfu is not None:
             values["perf/mfu"] = mfu.of(tokens_per_second, self.tokens / max(self.samples, 1),
                                         self.target_tokens / max(self.tokens, 1))
@@ -151,7 +168,10 @@ class RunTotals:
 def step_line(step: int, total_steps: int, values: dict[str, float], skipped: bool) -> str:
     """The one console line of a logged step."""
     mfu = f" | mfu {values['perf/mfu']:.1%}" if "perf/mfu" in values else ""
-    return (f"step {step:05d} ({step / total_steps:.1%}) | loss {values['train/loss']:.4f} | "
+    aux = f" | aux {values['train/aux_loss']:.4f}" if "train/aux_loss" in values else ""
+    if "moe/expert_load_max" in values:
+        aux += f" | load max {values['moe/expert_load_max']:.2f}"
+    return (f"step {step:05d} ({step / total_steps:.1%}) | loss {values['train/loss']:.4f}{aux} | "
             f"grad {values['train/grad_norm']:.3f} | lr {values['train/lr']:.2e} | dt {1000 * values['time/step']:.0f}ms | "
             f"tok/s {values['perf/tokens_per_second']:,.0f}{mfu} | pad {values['perf/padding_ratio']:.1%} | "
             f"mem {values['memory/peak_gib']:.2f}GiB" + (" | skipped (NaN)" if skipped else ""))

@@ -16,6 +16,7 @@ ZeRO-3, FSDP2 and PEFT wrappers see the same calls as without chunks; the sum is
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -23,24 +24,29 @@ import torch.nn.functional as F
 
 from sft.errors import IGNORE_INDEX
 from sft.loss import head_returns_loss, output_layer, returned_loss, upcast
+from sft.moe import Router, RouterTerms, router_terms, sample_spans
+
+# Batch keys that are not the model's inputs: the targets, and the real tokens of each packed row.
+NOT_MODEL_INPUTS = ("labels", "row_tokens")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def attention_implementation(requested: str) -> str:
-    """The attention backend to load the model with: what was asked for, and for 'auto' varlen (sft/attention.py,
-    registered with transformers here), on any device and for packed and unpacked runs alike.
-
-    varlen picks its kernel per call, so the device does not change the choice: packed rows go through torch's
-    FlashAttention varlen kernel on a GPU (torch >= 2.10, fp16/bf16) or per-sample SDPA elsewhere; unpacked
-    batches make exactly sdpa's call. flash_attention_2 is not picked: transformers' version separates packed
-    samples only in a batch of one row (sft/packing.py check_packing_backend)."""
-    chosen = "varlen" if requested == "auto" else requested
-    if chosen == "varlen":
+def attention_implementation(chosen: str) -> str:
+    """Register sft/attention.py's per-sample attention with transformers when ``chosen`` (from
+    sft.architectures.Architecture.attention) is one of its names; returns ``chosen``."""
+    if chosen in ("varlen", "varlen_eager"):
         from sft.attention import register
 
         register()
     return chosen
+
+
+def load_model_config(pretrain: str, model_config: Optional[str] = None, from_scratch: bool = False):
+    """The model's transformers config (config.json only, no weights): from model_config when from_scratch."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_config or pretrain if from_scratch else pretrain)
 
 
 def load_model(pretrain: str, dtype: str, attn: str, from_scratch: bool = False, model_config: Optional[str] = None,
@@ -74,28 +80,52 @@ def target_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the batch's target tokens, and their count (float32 accumulation).
+@dataclass
+class ForwardLoss:
+    """One forward's summed cross-entropy over its target tokens, their count, and the router loss terms of an
+    MoE model (sft/moe.py; None without a router)."""
+
+    loss_sum: torch.Tensor
+    targets: int
+    router: Optional[RouterTerms] = None
+
+
+def forward_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 0, router: Optional[Router] = None) -> ForwardLoss:
+    """Summed cross-entropy over the batch's target tokens (float32 accumulation), their count and, with a
+    ``router``, the per-sample router loss terms.
 
     With chunk_size > 0 and more targets than that, the output layer and the cross-entropy run chunk_size
     targets at a time (see the module docstring); 0 computes all targets' logits at once."""
     labels = batch["labels"]
     keep = target_mask(labels)
     targets = labels[:, 1:][keep[:, :-1]]
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    inputs = {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
+    if router is not None:
+        inputs["output_router_logits"] = True
     if chunk_size <= 0 or targets.numel() <= chunk_size:
         outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
         logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
-        return F.cross_entropy(upcast(logits), targets, reduction="sum"), targets.numel()
-    with head_returns_loss(output_layer(model), targets, chunk_size) as losses:
-        outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
-    return returned_loss(outputs.logits, losses), targets.numel()
+        summed = F.cross_entropy(upcast(logits), targets, reduction="sum")
+    else:
+        with head_returns_loss(output_layer(model), targets, chunk_size) as losses:
+            outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+        summed = returned_loss(outputs.logits, losses)
+    terms = None
+    if router is not None:
+        terms = router_terms(router, outputs.router_logits, sample_spans(batch), labels.numel())
+    return ForwardLoss(summed, targets.numel(), terms)
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the batch's target tokens, and their count (forward_loss without a router)."""
+    result = forward_loss(model, batch, chunk_size)
+    return result.loss_sum, result.targets
 
 
 def full_logits_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """The same sum from full logits (the textbook way); used by tests to check loss_sum."""
     labels = batch["labels"]
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    inputs = {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
     logits = model(**inputs, use_cache=False).logits[:, :-1]
     targets = labels[:, 1:]
     loss = F.cross_entropy(upcast(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1),

@@ -239,7 +239,8 @@ def packed_row(samples: list[dict]) -> dict[str, list[int]]:
 
 
 def packed_collate(rows: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
-    """Stack packed rows, right-padded with a padding 'sample' (positions from 0, labels -100); no attention mask."""
+    """Stack packed rows, right-padded with a padding 'sample' (positions from 0, labels -100); no attention mask.
+    ``row_tokens`` holds each row's real token count (the padding sample is not one: an MoE router loss skips it)."""
     import torch
 
     from sft.collate import pad_collate
@@ -253,10 +254,11 @@ def packed_collate(rows: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -
         position_ids[index, :length] = torch.as_tensor(row["position_ids"])
         position_ids[index, length:] = torch.arange(longest - length)
     batch["position_ids"] = position_ids
+    batch["row_tokens"] = torch.tensor([len(row["input_ids"]) for row in rows], dtype=torch.long)
     return batch
 
 
-PACKING_BACKENDS = ("varlen", "sdpa", "eager", "flash_attention_2")
+PACKING_BACKENDS = ("varlen", "varlen_eager", "sdpa", "eager", "flash_attention_2")
 
 
 def check_packing_backend(attn_implementation: str, use_cache: bool, rows_per_batch: int | None = None) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -23,15 +24,33 @@ from sft.config import SFTConfig
 from sft.errors import IGNORE_INDEX, UserError
 from sft.export import conversation, generate_answer, stop_rule
 from sft.loader import StepBatch, collate_rows
-from sft.lora import apply_lora, check_quantization, check_saved, lora_enabled, quantization_config
+from sft.architectures import Architecture
+from sft.attention import watch_packed_rows
+from sft.hybrid import separate_samples
+from sft.lora import adapted_modules, apply_lora, check_quantization, check_saved, lora_enabled, quantization_config
 from sft.metrics import StepResult, ValResult
-from sft.modeling import attention_implementation, load_model, loss_sum
+from sft.modeling import attention_implementation, forward_loss, load_model, load_model_config, loss_sum
+from sft.moe import Router, active_parameters
 from sft.runstate import RunState
 from sft.strategies import Strategy
 
 
 class NonFiniteLoss(UserError):
     """A step's loss is NaN or infinite and on_nan is error."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What initialize loaded, for the run log."""
+
+    parameters: int
+    trainable: int
+    attention: str
+    architecture: str  # sft.architectures.Architecture.describe()
+    per_sample_mixers: int  # recurrent / convolution layers run per sample on packed rows (sft/hybrid.py)
+    router_aux_loss_coef: float | None  # None: no router loss
+    adapters: str  # sft.lora.adapted_modules: what carries LoRA adapters ("" without LoRA)
+    seconds: float
 
 
 class SFTWorker:
@@ -42,33 +61,49 @@ class SFTWorker:
         self.train_data, self.val_data = train_data, val_data
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.model = self.optimizer = self.model_config = None
-        self.parameter_count = 0
+        self.router: Router | None = None  # an MoE model's router loss (sft/moe.py)
+        self.parameter_count = self.active_parameter_count = 0  # active: what a token passes through (MoE)
 
     # ----- initialize ------------------------------------------------------------------------------
-    def initialize(self) -> dict:
-        """Load the model and let the strategy prepare it; returns metrics (parameter count, load time)."""
+    def initialize(self) -> "ModelInfo":
+        """Check the architecture, load the model and let the strategy prepare it."""
         start = time.perf_counter()
         config, model_args = self.config, self.config.sft_train.model_args
-        attn = attention_implementation(model_args.attn_implementation)
+        packed = "position_ids" in self.train_data.column_names
+        # Decided from config.json alone, before any weight is loaded: refusals cost nothing.
+        architecture = Architecture.of(load_model_config(config.pretrain, model_args.model_config, model_args.from_scratch))
+        if packed:
+            architecture.check_packing()
+        coefficient = architecture.router_coefficient(model_args.router_aux_loss_coef)
+        attn = attention_implementation(architecture.attention(model_args.attn_implementation, packed))
         check_quantization(model_args, torch.cuda.is_available())
         model = load_model(config.pretrain, "fp32", attn, from_scratch=model_args.from_scratch,
                            model_config=model_args.model_config, seed=config.seed,
                            quantization=quantization_config(model_args))
-        if model_args.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if lora_enabled(model_args):
-            model = apply_lora(model, model_args)
-        self.parameter_count = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.model_config = model.config
-        if "position_ids" in self.train_data.column_names:
+        mixers = []
+        if packed:
             from sft.packing import check_packing_backend
 
-            rows_per_batch = config.sft_train.training_args.per_device_train_batch_size
-            check_packing_backend(attn, model.config.use_cache, rows_per_batch)
+            check_packing_backend(attn, model.config.use_cache, config.sft_train.training_args.per_device_train_batch_size)
+            watch_packed_rows(model)
+            mixers = separate_samples(model, architecture.stateful)
+        if architecture.router_loss:
+            self.router = Router.of(model, architecture.experts, architecture.experts_per_token, coefficient)
+        if model_args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        adapters = ""
+        if lora_enabled(model_args):
+            model = apply_lora(model, model_args, architecture.experts)
+            adapters = adapted_modules(model)
+        self.parameter_count = sum(p.numel() for p in model.parameters())
+        self.active_parameter_count = active_parameters(model, architecture.experts, architecture.experts_per_token)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.model_config = model.config
         self.model, self.optimizer = self.strategy.prepare(self.accelerator, model, self._optimizer_for)
-        return {"parameters": self.parameter_count, "trainable": trainable, "attention": attn,
-                "init_seconds": time.perf_counter() - start}
+        return ModelInfo(parameters=self.parameter_count, trainable=trainable, attention=attn,
+                         architecture=architecture.describe(), per_sample_mixers=len(mixers),
+                         router_aux_loss_coef=coefficient if architecture.router_loss else None, adapters=adapters,
+                         seconds=time.perf_counter() - start)
 
     def _optimizer_for(self, model) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters; no weight decay on biases and norms."""
@@ -104,28 +139,42 @@ class SFTWorker:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         scale = accelerator.num_processes * len(micro_batches) / max(targets, 1)
+        router_scale = accelerator.num_processes * len(micro_batches) / max(tokens, 1)  # sft/moe.py
         model.train()
-        local_loss, skipped = 0.0, False
+        local_loss, skipped, router = 0.0, False, RouterWindow()
         start = time.perf_counter()
         for micro in micro_batches:
             with accelerator.accumulate(model):
                 if skipped:  # keep Accelerate's accumulation count aligned; nothing to compute
                     continue
-                summed, _ = loss_sum(model, micro, self.config.sft_train.model_args.loss_chunk_size)
-                if self.any_process(not bool(torch.isfinite(summed.detach()))):
+                forward = forward_loss(model, micro, self.config.sft_train.model_args.loss_chunk_size, self.router)
+                objective = forward.loss_sum * scale
+                if forward.router is not None and self.router.coefficient:
+                    objective = objective + forward.router.weighted_sum * (self.router.coefficient * router_scale)
+                if self.any_process(not bool(torch.isfinite(objective.detach()))):
                     skipped = self._on_nan(batch.step)
                     continue
-                self.strategy.backward(summed * scale)
-                local_loss += float(summed.detach())
+                self.strategy.backward(objective)
+                local_loss += float(forward.loss_sum.detach())
+                router.add(forward.router)
         forward_backward_seconds = time.perf_counter() - start
         start = time.perf_counter()
         if skipped:
             self.strategy.discard_step()
         grad_norm = float("nan") if skipped else self.strategy.step()
         return StepResult(loss_sum=self.all_sum([local_loss])[0], target_tokens=targets, tokens=tokens,
+                          **self._router_totals(router),
                           padded_tokens=padded, samples=samples, grad_norm=grad_norm, lr=lr, skipped=skipped,
                           data_seconds=data_seconds, forward_backward_seconds=forward_backward_seconds,
                           optimizer_seconds=time.perf_counter() - start)
+
+    def _router_totals(self, window: "RouterWindow") -> dict:
+        """The step's router loss sum, its tokens and the experts' counts, summed over processes (empty: no router)."""
+        if self.router is None:
+            return {}
+        totals = self.all_sum([window.weighted_sum, float(window.tokens)] + window.counts.flatten().tolist())
+        counts = torch.tensor(totals[2:], dtype=torch.float64).reshape(window.counts.shape)
+        return {"aux_sum": totals[0], "router_tokens": int(totals[1]), "expert_counts": counts}
 
     def _on_nan(self, step: int) -> bool:
         if self.config.sft_train.training_args.on_nan == "error":
@@ -200,3 +249,17 @@ class SFTWorker:
         stops = stop_rule(self.tokenizer, template)
         return [generate_answer(model, self.tokenizer, template, conversation(prompt), max_new_tokens, stops=stops)
                 for prompt in prompts]
+
+
+class RouterWindow:
+    """One process's router terms of one step (sft/moe.py), summed over its micro-batches."""
+
+    def __init__(self):
+        self.weighted_sum, self.tokens, self.counts = 0.0, 0, torch.zeros(0, dtype=torch.float64)
+
+    def add(self, terms) -> None:
+        if terms is None:
+            return
+        self.weighted_sum += float(terms.weighted_sum.detach())
+        self.tokens += terms.tokens
+        self.counts = terms.expert_counts if self.counts.numel() == 0 else self.counts + terms.expert_counts

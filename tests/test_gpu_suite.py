@@ -58,8 +58,8 @@ def test_plan_puts_the_goal_cases_first_and_selection_takes_names_or_variants():
     assert {c.variant for c in cases} == set(suite.VARIANTS)
     assert all(0 < c.min_s <= c.cap_s for c in cases)
     chosen, skipped = suite.select(cases, "varlen,trl", dry_run=False)
-    assert [c.name for c in chosen] == ["1.5b-sharegpt/varlen", "1.5b-sharegpt/trl", "0.5b-alpaca/varlen",
-                                        "0.5b-alpaca/trl"] and skipped == []
+    assert [c.name for c in chosen] == ["1.5b-sharegpt/varlen", "1.5b-sharegpt/trl", "moe-sharegpt/varlen",
+                                        "moe-sharegpt/trl", "0.5b-alpaca/varlen", "0.5b-alpaca/trl"] and skipped == []
     chosen, _ = suite.select(cases, " 0.5b-alpaca/padded ,resume", dry_run=False)
     assert [c.name for c in chosen] == ["resume", "0.5b-alpaca/padded"]
     with pytest.raises(SystemExit, match="unknown nope"):

@@ -126,16 +126,19 @@ def test_offsets_follow_transformers_rule():
     assert attention.packed_segments(torch.arange(8)[None], 2, 8) is None  # nothing to separate
 
 
-def segment_reference(query, key, value, segments, scaling):
-    """Causal attention sample by sample, in the flat layout, the slow obvious way."""
+def segment_reference(query, key, value, segments, scaling, window=None):
+    """Causal attention sample by sample (key j seen from query i when i - window < j <= i), in the flat layout,
+    the slow obvious way."""
     batch, heads, row_length, dim = query.shape
     flat = [attention._flat(x) for x in (query, key, value)]
     outputs, start = [], 0
     for length in segments.lengths:
         q, k, v = (x[start:start + length].transpose(0, 1) for x in flat)
         k, v = (x.repeat_interleave(heads // k.shape[0], dim=0) for x in (k, v))
-        weights = (q @ k.transpose(1, 2) * scaling).masked_fill(
-            torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+        hidden = torch.ones(length, length, dtype=torch.bool).triu(1)
+        if window is not None:
+            hidden |= torch.ones(length, length, dtype=torch.bool).tril(-window)
+        weights = (q @ k.transpose(1, 2) * scaling).masked_fill(hidden, float("-inf")).softmax(-1)
         outputs.append((weights @ v).transpose(0, 1))
         start += length
     return torch.cat(outputs).view(batch, row_length, heads, dim)
@@ -148,14 +151,16 @@ def random_qkv(heads=4, kv_heads=2, batch=3, row_length=40, dim=8):
             torch.randn(batch, kv_heads, row_length, dim, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("longest", [1, 4, 15])
-def test_segment_attention_matches_the_reference(longest):
+def test_segment_attention_matches_the_reference(longest, window):
     query, key, value = random_qkv()
     rng = random.Random(longest)
     positions = torch.tensor([sum((list(range(n)) for n in split_row(rng, 40, longest)), []) for _ in range(3)])
     segments = attention.packed_segments(positions, 3, 40)
-    expected = segment_reference(query, key, value, segments, 0.3)
-    assert torch.allclose(attention.segment_attention(query, key, value, segments, 0.3), expected, atol=1e-12)
+    expected = segment_reference(query, key, value, segments, 0.3, window)
+    assert torch.allclose(attention.segment_attention(query, key, value, segments, 0.3, window=window), expected,
+                          atol=1e-12)
 
 
 def split_row(rng, total, longest):
@@ -179,12 +184,14 @@ def test_flash_varlen_call_on_a_stand_in_kernel(parameters):
 
     def stand_in(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
         assert set(kwargs) <= parameters
-        assert kwargs.get("window_size", (-1, 0)) == (-1, 0) and kwargs.get("is_causal", True)
+        left, right = kwargs.get("window_size", (-1, 0))
+        assert right == 0 and kwargs.get("is_causal", True)
         seen.update(kwargs, kv_heads=k.shape[1], cu=cu_q.tolist(), max_q=max_q)
         out = []
         for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
             qs, ks, vs = (x[start:end].transpose(0, 1)[None] for x in (q, k, v))
-            out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=kwargs.get("scale"),
+            mask = attention.causal_mask(end - start, end - start, None if left < 0 else left + 1, qs.device)
+            out.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=kwargs.get("scale"),
                                                       enable_gqa=True)[0].transpose(0, 1))
         return torch.cat(out)
 
@@ -198,13 +205,30 @@ def test_flash_varlen_call_on_a_stand_in_kernel(parameters):
         assert torch.allclose(other_scale, segment_reference(query, key, value, segments, 0.3), atol=1e-12)
     else:
         assert other_scale is None  # falls back to per-sample SDPA
+    windowed = attention.flash_varlen(query, key, value, segments, head_scale, (stand_in, parameters), torch.float64,
+                                      window=3)
+    if "window_size" in parameters:  # FlashAttention's (left, right) = (window - 1, 0): i - window < j <= i
+        assert seen["window_size"] == (2, 0)
+        assert torch.allclose(windowed, segment_reference(query, key, value, segments, head_scale, 3), atol=1e-12)
+    else:
+        assert windowed is None  # a kernel without window_size: per-sample SDPA with the window mask
 
 
-def test_sliding_window_is_refused_by_name():
-    model = build_model("qwen2", "varlen", use_sliding_window=True, sliding_window=16, max_window_layers=0)
-    batch = packed_batch(random_samples(4, count=4, longest=20), capacity=48)
-    with pytest.raises(attention.VarlenAttentionError, match="sliding_window=16"):
-        loss_sum(model, batch)
+def test_sliding_window_packed_equals_each_sample_alone():
+    """Samples longer than the window: varlen's per-sample window mask gives sdpa's loss and gradients."""
+    samples = [s for s in random_samples(4, count=12, longest=40) if len(s["input_ids"]) > 8][:6]
+    overrides = {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0}
+    alone = build_model("qwen2", "sdpa", **overrides)
+    alone.zero_grad(set_to_none=True)
+    reference = 0.0
+    for sample in samples:
+        summed, _ = loss_sum(alone, pad_collate([sample], pad_id=0))
+        summed.backward()
+        reference += float(summed.detach())
+    packed = loss_and_gradients(build_model("qwen2", "varlen", **overrides), packed_batch(samples, capacity=96))
+    assert abs(packed[0] - reference) <= 1e-10 * abs(reference)
+    for name, parameter in alone.named_parameters():
+        assert torch.allclose(packed[2][name], parameter.grad, rtol=1e-10, atol=1e-12), name
 
 
 def test_attention_dropout_runs_per_sample(calls):
@@ -224,10 +248,3 @@ def test_packing_accepts_varlen_and_refuses_multi_row_flash_attention_2():
     check_packing_backend("flash_attention_2", use_cache=False, rows_per_batch=1)
     with pytest.raises(PackingError, match="per_device_train_batch_size 1"):
         check_packing_backend("flash_attention_2", use_cache=False, rows_per_batch=2)
-
-
-def test_auto_picks_varlen():
-    from sft.modeling import attention_implementation
-
-    assert attention_implementation("auto") == "varlen"
-    assert attention_implementation("sdpa") == "sdpa"
