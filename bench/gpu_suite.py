@@ -80,6 +80,17 @@ SHAPES = {
     # Qwen2.5-1.5B: 28 layers, hidden 1536, 12 query / 2 key-value heads, MLP 8960, vocab 151,936, tied embeddings.
     "1.5b": dict(QWEN25_COMMON, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                  num_attention_heads=12, num_key_value_heads=2),
+    # Qwen3-30B-A3B's layer (hidden 2048, 32 query / 4 key-value heads of 128, experts of 768, 8 routed per token,
+    # router loss 0.001) in 8 of its 48 layers with 32 of its 128 experts: ~2.0B parameters, 0.6B active, so
+    # fp32 master weights and AdamW state (~32 GB) and 4096-token rows fit one 80 GB card.
+    "moe": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                moe_intermediate_size=768, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4,
+                head_dim=128, num_experts=32, num_experts_per_tok=8, norm_topk_prob=True, rope_theta=1000000.0,
+                rms_norm_eps=1e-6, tie_word_embeddings=False, output_router_logits=True, router_aux_loss_coef=0.001),
+    "tiny-moe": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                     num_experts_per_tok=2, tie_word_embeddings=True, output_router_logits=True,
+                     router_aux_loss_coef=0.001),
     # The dry run's: vocab_size is the tokenizer's (a 260-token byte-level one there).
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False),
@@ -134,19 +145,23 @@ VARIANTS = {
 ESTIMATES = {("padded", "1.5b"): (50, 150), ("block", "1.5b"): (50, 150), ("varlen", "1.5b"): (50, 150),
              ("trl", "1.5b"): (55, 160), ("zero3", "1.5b"): (80, 200),
              ("padded", "0.5b"): (35, 120), ("block", "0.5b"): (35, 120), ("varlen", "0.5b"): (35, 120),
-             ("trl", "0.5b"): (40, 120), ("resume", None): (100, 240)}
+             ("trl", "0.5b"): (40, 120), ("resume", None): (100, 240),
+             ("varlen", "moe"): (60, 180), ("trl", "moe"): (70, 200)}
 
 
 def plan(dry_run: bool) -> list[Case]:
     """The cases in priority order: what the goals need first, so a short budget drops the least."""
     if dry_run:
         big, small = Group("tiny-sharegpt", "tiny", "sharegpt", 1, 1), Group("tiny-alpaca", "tiny", "alpaca", 1, 1)
+        moe = Group("tiny-moe-sharegpt", "tiny-moe", "sharegpt", 1, 1)
         order = [(big, "varlen"), (big, "trl"), (big, "block"), (big, "padded"), (big, "zero3"),
-                 (small, "varlen"), (small, "trl"), (None, "resume"), (small, "block"), (small, "padded")]
+                 (small, "varlen"), (small, "trl"), (None, "resume"), (small, "block"), (small, "padded"),
+                 (moe, "varlen")]
         return [Case(_case_name(g, v), v, g, 3, 180, gpu_only=v in ("zero3", "resume")) for g, v in order]
     # 1.5B: one row of 4096 per micro-batch (two rows and AdamW state would not fit 80 GB without recomputation).
     big, small = Group("1.5b-sharegpt", "1.5b", "sharegpt", 1, 2), Group("0.5b-alpaca", "0.5b", "alpaca", 2, 2)
-    order = [(big, "varlen"), (big, "trl"), (big, "block"), (big, "padded"), (big, "zero3"),
+    moe = Group("moe-sharegpt", "moe", "sharegpt", 1, 2)  # Qwen3-MoE shape, 4096-token packed rows, router loss on
+    order = [(big, "varlen"), (big, "trl"), (moe, "varlen"), (moe, "trl"), (big, "block"), (big, "padded"), (big, "zero3"),
              (small, "varlen"), (small, "trl"), (None, "resume"), (small, "block"), (small, "padded")]
     cases = []
     for g, v in order:
@@ -337,16 +352,21 @@ def datasheet_peak(name: str) -> Optional[float]:
 
 
 def flop_model(model_dir: str):
-    """flops_per_token(mean_sample_length, target_fraction) for the model config in model_dir: parameters counted
-    on the meta device (no memory, exact, tied embeddings once), then sft.modeling.train_flops_per_token."""
+    """flops_per_token(mean_sample_length, target_fraction) for the model config in model_dir: active parameters
+    (an MoE token passes through top-k of its experts) counted on the meta device (no memory, exact, tied
+    embeddings once), then sft.modeling.train_flops_per_token, as the trainer's MFU counts them."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from sft.architectures import Architecture
     from sft.modeling import train_flops_per_token
+    from sft.moe import active_parameters
 
     config = AutoConfig.from_pretrained(model_dir)
+    architecture = Architecture.of(config)
     with torch.device("meta"):
-        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        parameters = active_parameters(AutoModelForCausalLM.from_config(config), architecture.experts,
+                                       architecture.experts_per_token)
     return (lambda length, fraction: train_flops_per_token(config, parameters, length, fraction)), parameters
 
 
@@ -597,8 +617,9 @@ def data_root() -> str:
 
 
 def write_models(work: str, shapes: set[str], tokenizer: str, root: str) -> dict[str, str]:
-    """A folder per shape with the tokenizer and a Qwen2 config (random init from it: from_scratch)."""
-    from transformers import AutoTokenizer, Qwen2Config
+    """A folder per shape with the tokenizer and its config (Qwen2, or the shape's model_type; random init from it:
+    from_scratch)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     source = os.path.join(work, "tokenizer")
     if tokenizer == "byte":
@@ -614,8 +635,9 @@ def write_models(work: str, shapes: set[str], tokenizer: str, root: str) -> dict
         loaded.save_pretrained(folder)
         values = dict(SHAPES[shape])
         values.setdefault("vocab_size", len(loaded))
-        Qwen2Config(use_cache=False, eos_token_id=loaded.eos_token_id, pad_token_id=loaded.pad_token_id,
-                    **{"max_position_embeddings": 32768, **values}).save_pretrained(folder)
+        family = values.pop("model_type", "qwen2")
+        AutoConfig.for_model(family, use_cache=False, eos_token_id=loaded.eos_token_id, pad_token_id=loaded.pad_token_id,
+                             bos_token_id=None, **{"max_position_embeddings": 32768, **values}).save_pretrained(folder)
         folders[shape] = folder
     return folders
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU suite in one device call (10 minutes): ours padded / packed with the block mask / packed with varlen /
 # ZeRO-3 vs TRL's SFTTrainer at its best settings, on Qwen2.5-1.5B- and 0.5B-shaped models (random init, bf16,
-# 4096-token rows) over ShareGPT and Alpaca data with the Qwen2.5 tokenizer, plus gpu_check.sh's resume check.
+# 4096-token rows) over ShareGPT and Alpaca data with the Qwen2.5 tokenizer, ours vs TRL on a Qwen3-MoE-shaped
+# model (router loss on), plus gpu_check.sh's resume check; first, bench/gpu_families.py's bf16 packed-vs-alone
+# check for gpt-oss-, Gemma-3-, Qwen3-Next- and Qwen3-MoE-shaped models.
 # Per case: tokens/s, MFU, peak GPU memory; then the goals (varlen MFU >= 40% on 1.5B; ours >= 1.3x TRL) as
 # PASS/FAIL. The table goes to $OUT/gpu_suite.md (+ .json, + this run's log) after every case. bench/gpu_suite.py
 # says what each case and number is.
@@ -114,6 +116,9 @@ case " $* " in
   *" --dry-run "*|*" --cpu-smoke "*|*" --list "*) ;;  # no device check needed
   *) if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+       # bf16 packed vs alone on gpt-oss-, Gemma-3-, Qwen3-Next- and Qwen3-MoE-shaped models (~1 minute, from the
+       # suite's budget): the table goes to $OUT/gpu_families.md.
+       timeout 150 python3 bench/gpu_families.py | tee "${OUT:-/tmp}/gpu_families.md"
      else
        echo "no GPU: running the dry run (tiny model, 2 steps, CPU)"; args+=(--dry-run)
      fi;;

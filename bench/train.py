@@ -3,6 +3,7 @@
     python bench/train.py [--steps 24] [--batch 4]      # CPU; pip install trl to include TRL's rows
     python bench/train.py --packing [--lengths 1024 4096] [--models tiny small]
                                                         # padded vs packed (block mask) vs packed (varlen)
+    python bench/train.py --families [--lengths 1024]   # MoE and hybrid shapes: padded vs packed, defaults
 
 A tiny Qwen2-shaped model (hidden 64, 2 layers) with the real Qwen2.5 tokenizer's vocabulary (151,665
 tokens): as in users' small models, the output layer is most of the cost. Data: alpaca_en_demo.json with
@@ -42,6 +43,20 @@ SHAPES = {"tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=
                         num_key_value_heads=4)}
 
 
+# 2026 shapes at CPU size (vocabulary 8,192): a Qwen3-MoE body (8 experts, top 2) and a Qwen3-Next body (3 Gated
+# DeltaNet layers to 1 attention layer, 8 experts), as the `auto` defaults run them (varlen; DeltaNet per sample).
+FAMILY_SHAPES = {
+    "qwen3_moe": dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=8, num_experts_per_tok=2,
+                      output_router_logits=True, router_aux_loss_coef=0.001),
+    "qwen3_next": dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+                       shared_expert_intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=64, num_experts=8, num_experts_per_tok=2,
+                       linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64,
+                       linear_value_head_dim=64, output_router_logits=True, router_aux_loss_coef=0.001),
+}
+
+
 def small_vocab_tokenizer(folder: str, vocab_size: int = 8192) -> str:
     """A byte-level BPE of `vocab_size` tokens trained on the Alpaca texts, with Qwen's ChatML markers as
     special tokens, so the qwen2_5 template renders the same text as for the Qwen2.5 tokenizer."""
@@ -64,14 +79,15 @@ def small_vocab_tokenizer(folder: str, vocab_size: int = 8192) -> str:
 
 def setup(work: str, steps: int, batch: int, sequence_length: int = 512, packing: bool = False, name: str = "run",
           shape: str = "tiny", tokenizer_dir: str = QWEN_TOKENIZER, attn: str = "sdpa") -> tuple[str, str]:
-    from transformers import AutoTokenizer, Qwen2Config
+    from transformers import AutoConfig, AutoTokenizer
 
     model = os.path.join(work, f"model-{name}")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.save_pretrained(model)
-    Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=max(1024, sequence_length), tie_word_embeddings=True,
-                use_cache=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                **SHAPES[shape]).save_pretrained(model)
+    family, body = ("qwen2", SHAPES[shape]) if shape in SHAPES else (shape, FAMILY_SHAPES[shape])
+    AutoConfig.for_model(family, vocab_size=len(tokenizer), max_position_embeddings=max(1024, sequence_length),
+                         tie_word_embeddings=True, use_cache=False, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **body).save_pretrained(model)
     config = os.path.join(work, f"{name}.yaml")
     with open(config, "w", encoding="utf-8") as handle:
         handle.write(f"""seed: 0
@@ -302,15 +318,50 @@ def packing_comparison(steps: int, lengths: list[int], shapes: list[str]) -> Non
           f"{RUN_ATTEMPTS} times, while others take more than {OTHERS_LIMIT:.0%})")
 
 
+def family_comparison(steps: int, lengths: list[int]) -> None:
+    """scripts/train.py with the defaults (attn auto) on MoE and hybrid shapes: padded (8 samples a step) vs
+    packed rows (2 rows of 1024 a step), in one run. Packed rows run the router loss per sample and, for
+    Qwen3-Next, the Gated DeltaNet layers once per sample (sft/hybrid.py)."""
+    work = tempfile.mkdtemp(prefix="bench_train_families_")
+    tokenizer = small_vocab_tokenizer(os.path.join(work, "tokenizer-8k"))
+    load_before = os.getloadavg()[0]
+    results = []
+    for family in FAMILY_SHAPES:
+        for sequence_length in lengths:
+            rates, disturbed = [], 0.0
+            for packing in (False, True):
+                name = f"{family}-{sequence_length}-{'packed' if packing else 'padded'}"
+                batch = packed_rows_per_step(sequence_length) if packing else PADDED_SAMPLES
+                config, _ = setup(work, steps, batch, sequence_length=sequence_length, packing=packing, name=name,
+                                  shape=family, tokenizer_dir=tokenizer, attn="auto")
+                rate, others = ours_alone(config, work, name)
+                rates.append(rate)
+                disturbed = max(disturbed, others)
+            results.append((family, sequence_length, attention_used(work, name), *rates, disturbed))
+    print(f"\nscripts/train.py, defaults (attn auto, router loss on), alpaca_en_demo (qwen2_5 template), {steps} steps, "
+          f"fp32, CPU, 1-minute load {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; effective (non-pad) "
+          f"tokens/s after warm-up. padded: {PADDED_SAMPLES} samples a step; packed: rows of <= the length\n")
+    print(f"| {'model':<11} | {'length':>6} | {'attention':>9} | {'padded':>7} | {'packed':>7} | {'packed / padded':>15} | "
+          f"{'others':>6} |")
+    print(f"|{'-' * 13}|{'-' * 7}:|{'-' * 10}:|{'-' * 8}:|{'-' * 8}:|{'-' * 16}:|{'-' * 7}:|")
+    for family, sequence_length, used, padded, packed, disturbed in results:
+        print(f"| {family:<11} | {sequence_length:>6} | {used:>9} | {padded:>7,.0f} | {packed:>7,.0f} | "
+              f"{packed / padded:>15.2f} | {disturbed:>6.0%} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--packing", action="store_true", help="compare padded vs packed training instead")
+    parser.add_argument("--families", action="store_true", help="padded vs packed on MoE and hybrid shapes")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096], help="--packing: sequence lengths")
     parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=sorted(SHAPES),
                         help="--packing: model shapes")
     args = parser.parse_args()
+    if args.families:
+        family_comparison(args.steps, args.lengths if args.lengths != [1024, 4096] else [1024])
+        return
     if args.packing:
         packing_comparison(args.steps, args.lengths, args.models)
         return
