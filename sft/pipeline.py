@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from sft.encoding import EncodeCounts, EncodeSettings, encode_rows
-from sft.sources import RowSource, check_keys, open_source
+from sft.sources import RowSource, check_keys, open_source, reset_stop_signals
 from sft.templates import ChatTemplate
 
 CHUNK_ROWS = 2048  # rows per unit of work handed to a worker; small enough for a smooth progress bar
@@ -118,6 +118,7 @@ _WORKER_STATE: dict = {}
 def _init_worker(state: dict) -> None:
     # With the fork start method the state is inherited, not pickled: neither the tokenizer nor the sources
     # (open memory maps) are copied per task.
+    reset_stop_signals()
     _WORKER_STATE.update(state)
 
 

@@ -419,8 +419,18 @@ def _prepare_in_child(spec: SourceSpec) -> None:
     """
     import multiprocessing
 
-    with multiprocessing.get_context("fork").Pool(1) as pool:
+    with multiprocessing.get_context("fork").Pool(1, initializer=reset_stop_signals) as pool:
         pool.apply(_prepare, (spec,))
+
+
+def reset_stop_signals() -> None:
+    """In a forked worker: SIGTERM and SIGINT back to their defaults. Handlers are inherited through fork, and
+    a caller's handler that only records the signal (a training loop that saves on SIGTERM) would keep
+    Pool.terminate from ending the worker: the pool would wait for it forever."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _first_line(error: BaseException) -> str:

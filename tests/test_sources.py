@@ -281,6 +281,49 @@ def test_workers_read_their_own_chunks_and_keep_the_order(tmp_path, byte_tokeniz
         encode([parquet, jsonl], byte_tokenizer, workers=2)
 
 
+def test_workers_end_when_the_caller_records_sigterm_instead_of_dying(tmp_path, byte_tokenizer, monkeypatch):
+    """A training loop records SIGTERM to save first; forked workers inherit handlers, and a busy one that only
+    recorded it would outlive Pool.terminate and hang the caller (it did, in CI, after an in-process training
+    test)."""
+    import multiprocessing
+    import signal
+    import time
+
+    import sft.pipeline
+
+    real = sft.pipeline._encode_chunk
+
+    def slow_after_the_first(state, chunk):  # patched before the fork: the workers run it too
+        if chunk.start > 0:
+            time.sleep(3)
+        return real(state, chunk)
+
+    monkeypatch.setattr(sft.pipeline, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(sft.pipeline, "_encode_chunk", slow_after_the_first)
+    rows = [chat(f"question {i}", f"answer {i}") for i in range(12)]
+    rows[1]["messages"][1]["content"] = ""
+    jsonl = write(tmp_path, "a.jsonl", "\n".join(json.dumps(row) for row in rows))
+
+    def too_long(*_):
+        for child in multiprocessing.active_children():
+            child.kill()
+        raise TimeoutError("the worker pool did not end")
+
+    recorded: list = []
+    previous = signal.signal(signal.SIGTERM, lambda number, _frame: recorded.append(number))
+    alarm = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(60)
+    started = time.monotonic()
+    try:  # the first chunk fails while the other worker is busy: the pool is terminated with work in flight
+        with pytest.raises(EncodeError, match=r"a\.jsonl line 2: "):
+            encode([jsonl], byte_tokenizer, workers=2)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, alarm)
+        signal.signal(signal.SIGTERM, previous)
+    assert time.monotonic() - started < 30 and recorded == []  # ended by SIGTERM, not by the alarm
+
+
 def test_the_encoded_folder_loads_with_datasets_also_in_several_files(tmp_path):
     import datasets
     import pyarrow as pa
