@@ -23,6 +23,7 @@ from sft.cli import run_script  # noqa: E402
 from sft.config import SFTConfig  # noqa: E402
 from sft.dataset import META_FILE, build_encoded, read_meta  # noqa: E402
 from sft.packing import build_packed, format_packing_report  # noqa: E402
+from sft.runlock import remove_stale_staging, staging_path  # noqa: E402
 
 
 @dataclass
@@ -39,7 +40,8 @@ def main(config: SFTConfig, options: PackOptions) -> str:
     out = options.out or f"{source.rstrip(os.sep)}-packed-{data.packing_strategy}"
     train = load_from_disk(os.path.join(source, "train"))
     packed, report = build_packed(train, config.sequence_length, data.packing_strategy)
-    staging = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
+    remove_stale_staging(os.path.dirname(os.path.abspath(out)))  # what killed runs of this script left behind
+    staging = staging_path(out)
     shutil.rmtree(staging, ignore_errors=True)
     packed.save_to_disk(os.path.join(staging, "train"))
     if os.path.isdir(os.path.join(source, "validation")):

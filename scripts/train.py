@@ -19,25 +19,30 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from accelerate.utils import set_seed  # noqa: E402
+from accelerate.utils import broadcast_object_list, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from sft import checkpoint as ckpt  # noqa: E402
 from sft.cli import run_script  # noqa: E402
 from sft.config import SFTConfig  # noqa: E402
+from sft.errors import UserError  # noqa: E402
 from sft.dataset import build_encoded, check_encoded_folder, format_report, load_tokenizer, tokenizer_fingerprint  # noqa: E402
 from sft.loader import StepDataset, step_loader  # noqa: E402
 from sft.lora import describe as describe_adapter  # noqa: E402
 from sft.metrics import MFU, MetricsWindow, RunLog, RunTotals, device_peak_flops, step_line  # noqa: E402
+from sft.runlock import RunLock, check_writable, remove_stale_staging  # noqa: E402
 from sft.runstate import DataIdentity, RunState, check_resume, packing_of  # noqa: E402
 from sft.sampler import Layout, eval_shard  # noqa: E402
 from sft.schedule import Schedule  # noqa: E402
 from sft.strategies import build_accelerator, finish, make_strategy  # noqa: E402
 from sft.templates import get_template  # noqa: E402
 from sft.worker import SFTWorker  # noqa: E402
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # finish the step, save, exit 0
 
 
 def load_data(config: SFTConfig, accelerator, tokenizer):
@@ -70,9 +75,58 @@ def load_data(config: SFTConfig, accelerator, tokenizer):
                                               config.sequence_length, packing_of(folder, config))
 
 
+def on_main_process(accelerator, work):
+    """``work()`` on the main process only, its result handed to every process. A UserError it raises ends the
+    run on every process: the main one raises it (one `error:` line), the others exit 1 without a word."""
+    result, problem = None, None
+    if accelerator.is_main_process:
+        try:
+            result = work()
+        except UserError as error:
+            problem = error
+    if accelerator.num_processes > 1:
+        result, failed = broadcast_object_list([result, problem is not None])
+        if failed:  # every process is here: take the process group down together, then stop
+            finish(accelerator)
+            if not accelerator.is_main_process:
+                sys.exit(1)
+    if problem is not None:
+        raise problem
+    return result
+
+
+@contextmanager
+def output_dir_held(config: SFTConfig, accelerator):
+    """The run's lock on output_dir (sft/runlock.py), taken by the main process once the run's folders proved
+    writable; a second run in the same folder is refused. Yields the notes on what dead runs left and was removed."""
+    lock = RunLock(config.output_dir)
+
+    def take() -> list[str]:
+        check_writable([config.output_dir, ckpt.checkpoints_root(config.output_dir), config.logs_dir()])
+        lock.acquire()
+        stale = ckpt.remove_staging(config.output_dir) + remove_stale_staging(os.path.join(config.output_dir, "encoded"))
+        return [f"removed {name}, an unfinished write of a run that ended" for name in stale]
+
+    notes = on_main_process(accelerator, take)
+    try:
+        yield notes
+    finally:
+        lock.release()
+
+
 def main(config: SFTConfig) -> dict:
     strategy = make_strategy(config)
     accelerator = build_accelerator(config, strategy)
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        with output_dir_held(config, accelerator) as notes:
+            return fine_tune(config, strategy, accelerator, notes)
+    finally:  # a caller that runs training in its own process (tests, notebooks) gets its handlers back
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def fine_tune(config: SFTConfig, strategy, accelerator, notes: list[str]) -> dict:
     set_seed(config.seed)
     args = config.sft_train.training_args
     rank, layout = accelerator.process_index, Layout(accelerator.num_processes, args.per_device_train_batch_size,
@@ -85,10 +139,12 @@ def main(config: SFTConfig) -> dict:
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
     adapter = describe_adapter(config.sft_train.model_args)
     run = RunState.start(layout, strategy.name, identity, Schedule.from_config(args, total_steps), adapter)
-    resume, notes = ckpt.resolve_resume(config.resume_from_checkpoint, config.output_dir), []
+    resume, skipped = on_main_process(accelerator, lambda: ckpt.resolve_resume(config.resume_from_checkpoint,
+                                                                                config.output_dir))
+    notes = notes + skipped
     if resume:  # checked before anything is loaded; refused with a message naming what differs and the fix
         saved = RunState.from_json(ckpt.read_state(resume))
-        notes = check_resume(saved, run, strategy.reshards_on_load, config.resume_accept_changes, resume, config.cluster_name)
+        notes += check_resume(saved, run, strategy.reshards_on_load, config.resume_accept_changes, resume, config.cluster_name)
         run = run.continued_from(saved)
     log = RunLog(config, accelerator, resumed_at=run.step if resume else None)
     if len(train) % layout.global_batch:
@@ -123,7 +179,7 @@ def main(config: SFTConfig) -> dict:
 
     # ----- preemption: finish the step, save, exit 0 -------------------------------------------------
     stop: dict = {}
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, lambda number, _frame: stop.setdefault("signal", signal.Signals(number).name))
 
     # ----- loop ------------------------------------------------------------------------------------

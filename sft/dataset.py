@@ -24,6 +24,7 @@ from sft.config import ConfigError, SFTConfig
 from sft.data import DataError, FieldMapping
 from sft.encoding import EncodeSettings
 from sft.pipeline import encode_split
+from sft.runlock import remove_stale_staging, staging_path
 from sft.sources import source_fingerprint
 from sft.templates import get_template
 
@@ -166,7 +167,8 @@ def build_encoded(config: SFTConfig, out_dir: Optional[str] = None, tokenizer=No
     template = get_template(config.template_name(), tokenizer)
     settings = encode_settings(config)
     data = config.sft_train.data_args
-    staging = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
+    remove_stale_staging(os.path.dirname(os.path.abspath(out_dir)))  # what killed encodings left behind
+    staging = staging_path(out_dir)
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     reports = {}

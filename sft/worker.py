@@ -32,7 +32,7 @@ from sft.metrics import StepResult, ValResult
 from sft.modeling import attention_implementation, forward_loss, load_model, load_model_config, loss_sum
 from sft.moe import Router, active_parameters
 from sft.runstate import RunState
-from sft.strategies import Strategy
+from sft.strategies import Strategy, finish
 
 
 class NonFiniteLoss(UserError):
@@ -211,30 +211,61 @@ class SFTWorker:
     # ----- do_checkpoint ---------------------------------------------------------------------------
     def do_checkpoint(self, state: RunState) -> tuple[str, float]:
         """Save an HF model + the training state atomically at <output_dir>/sft_train/checkpoint-<step>/;
-        returns its folder and the seconds it took."""
+        returns its folder and the seconds it took. A save that fails (disk full, permissions) ends the run on
+        every process with one CheckpointError naming the cause and the last good checkpoint, left as it was."""
         start = time.perf_counter()
         config, accelerator = self.config, self.accelerator
-        staging = ckpt.staging_dir(config.output_dir, state.step)
-        if accelerator.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
-            os.makedirs(staging)
-        accelerator.wait_for_everyone()
-        self.strategy.save(os.path.join(staging, ckpt.TRAINING_STATE))
+        staging, last_good = ckpt.staging_dir(config.output_dir, state.step), ckpt.latest_checkpoint(config.output_dir)
+        failed = None
+        try:
+            if accelerator.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+                os.makedirs(staging)
+        except OSError as error:
+            failed = error
+        self._stop_if_save_failed(failed, staging, last_good)
+        try:
+            self.strategy.save(os.path.join(staging, ckpt.TRAINING_STATE))
+        except OSError as error:
+            failed = error
         weights = self.strategy.full_state_dict()  # every rank takes part (ZeRO-3 and FSDP2 gather)
-        if accelerator.is_main_process:
-            folder = ckpt.model_dir(staging, config.cluster_name)
-            # A PeftModel writes only the adapter (and additional_target modules), cut from the full state dict.
-            accelerator.unwrap_model(self.model).save_pretrained(folder, state_dict=weights, save_function=accelerator.save,
-                                                                 safe_serialization=True)
-            check_saved(folder)
-            self.tokenizer.save_pretrained(folder)
-            ckpt.write_template(folder, config.template_name())
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            ckpt.finish(config.output_dir, state.step, state.to_json())
-            ckpt.rotate(config.output_dir, config.sft_train.training_args.save_total_limit)
-        accelerator.wait_for_everyone()
+        try:
+            if accelerator.is_main_process and failed is None:
+                folder = ckpt.model_dir(staging, config.cluster_name)
+                # A PeftModel writes only the adapter (and additional_target modules), cut from the full state dict.
+                accelerator.unwrap_model(self.model).save_pretrained(folder, state_dict=weights, save_function=accelerator.save,
+                                                                     safe_serialization=True)
+                check_saved(folder)
+                self.tokenizer.save_pretrained(folder)
+                ckpt.write_template(folder, config.template_name())
+        except OSError as error:
+            failed = error
+        self._stop_if_save_failed(failed, staging, last_good)
+        try:
+            if accelerator.is_main_process:
+                ckpt.finish(config.output_dir, state.step, state.to_json())
+                ckpt.rotate(config.output_dir, config.sft_train.training_args.save_total_limit)
+        except OSError as error:
+            failed = error
+        self._stop_if_save_failed(failed, staging, last_good)
         return ckpt.checkpoint_dir(config.output_dir, state.step), time.perf_counter() - start
+
+    def _stop_if_save_failed(self, error, staging: str, last_good) -> None:
+        """A barrier of the save: when any process failed to write, the unfinished save is removed and every
+        process stops (the main one with the first cause, the others quietly)."""
+        from accelerate.utils import gather_object
+
+        causes = [cause for cause in gather_object([None if error is None else str(error)]) if cause]
+        if not causes:
+            return
+        if self.accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        finish(self.accelerator)
+        if not self.accelerator.is_main_process:
+            raise SystemExit(1)
+        raise ckpt.CheckpointError(f"saving {staging} failed: {causes[0]}; the last good checkpoint is "
+                                   f"{last_good or 'none (no step saved yet)'}, kept as it was. Free space or fix "
+                                   "the permissions, then resume with --resume_from_checkpoint true")
 
     def load_checkpoint(self, path: str) -> None:
         """Restore model, optimizer and RNG states from a complete checkpoint."""

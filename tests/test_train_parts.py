@@ -62,16 +62,125 @@ def test_checkpoint_is_complete_or_absent(tmp_path):
     os.makedirs(ckpt.staging_dir(out, 8))  # a save killed half-way
     os.makedirs(ckpt.checkpoint_dir(out, 9))  # a folder without the marker
     assert [s for s, _ in ckpt.complete_checkpoints(out)] == [2, 4, 6]
-    assert ckpt.resolve_resume("true", out) == ckpt.checkpoint_dir(out, 6)
-    assert ckpt.resolve_resume("false", out) is None
-    assert ckpt.resolve_resume(ckpt.model_dir(ckpt.checkpoint_dir(out, 4), "sft_train"), out) == ckpt.checkpoint_dir(out, 4)
+    assert ckpt.resolve_resume("true", out) == (ckpt.checkpoint_dir(out, 6), [])
+    assert ckpt.resolve_resume("false", out) == (None, [])
+    model_folder = ckpt.model_dir(ckpt.checkpoint_dir(out, 4), "sft_train")
+    assert ckpt.resolve_resume(model_folder, out) == (ckpt.checkpoint_dir(out, 4), [])
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
         ckpt.resolve_resume(ckpt.checkpoint_dir(out, 9), out)
     ckpt.rotate(out, keep=2)
     assert [s for s, _ in ckpt.complete_checkpoints(out)] == [4, 6]
-    assert not os.path.exists(ckpt.staging_dir(out, 8))
+    assert os.path.exists(ckpt.staging_dir(out, 8))  # rotation never touches a staging folder (a save in progress)
+    assert ckpt.remove_staging(out) == [".tmp-checkpoint-8"] and not os.path.exists(ckpt.staging_dir(out, 8))
     assert ckpt.read_state(ckpt.checkpoint_dir(out, 6)) == {"step": 6}
-    assert ckpt.resolve_resume("true", str(tmp_path / "fresh")) is None
+    assert ckpt.resolve_resume("true", str(tmp_path / "fresh")) == (None, [])
+
+
+def _saved(out: str, step: int) -> str:
+    """A checkpoint with a real safetensors file, saved as the trainer saves one."""
+    from safetensors.torch import save_file
+
+    model = os.path.join(ckpt.staging_dir(out, step), "sft_train")
+    os.makedirs(model)
+    save_file({"w": torch.arange(64, dtype=torch.float32)}, os.path.join(model, "model.safetensors"))
+    return ckpt.finish(out, step, {"step": step})
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("truncate", "model.safetensors has 200 bytes"),
+    ("delete_state", "run_state.json is missing"),
+    ("tear_state", "run_state.json has 9 bytes, 15 were saved"),
+    ("flip_state", "run_state.json changed since it was saved"),
+    ("no_manifest_truncated", "model.safetensors: its header runs past the end|bytes where its header needs"),
+    ("no_manifest_no_state", "no run_state.json"),
+    ("no_manifest_torn_state", "run_state.json is not valid JSON"),
+])
+def test_resume_skips_a_damaged_newest_checkpoint_and_names_it(tmp_path, damage, reason):
+    out = str(tmp_path)
+    _saved(out, 2)
+    newest = _saved(out, 4)
+    if damage.startswith("no_manifest"):  # a checkpoint without a manifest (older version): what can be checked is
+        os.remove(os.path.join(newest, ckpt.MANIFEST))
+    weights, state = os.path.join(newest, "sft_train", "model.safetensors"), os.path.join(newest, ckpt.STATE_FILE)
+    if damage.endswith("truncate") or damage.endswith("truncated"):
+        with open(weights, "r+b") as handle:
+            handle.truncate(200)
+    elif damage.endswith("no_state") or damage == "delete_state":
+        os.remove(state)
+    elif damage == "flip_state":
+        with open(state, "r+b") as handle:
+            handle.seek(-3, os.SEEK_END)
+            handle.write(b"5\n}")
+    else:
+        with open(state, "w") as handle:
+            handle.write('{"step": ')
+    assert ckpt.verify(ckpt.checkpoint_dir(out, 2)) is None
+    with pytest.raises(ckpt.CheckpointError, match=reason):
+        ckpt.resolve_resume(newest, out)  # named explicitly: refused with the reason
+    path, notes = ckpt.resolve_resume("true", out)
+    assert path == ckpt.checkpoint_dir(out, 2)
+    assert len(notes) == 1 and "skipped checkpoint-4" in notes[0] and "damaged-checkpoint-4" in notes[0]
+    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [2]  # moved aside: never resumed or rotated again
+    with open(os.path.join(ckpt.checkpoint_dir(out, 2), "sft_train", "model.safetensors"), "r+b") as handle:
+        handle.truncate(100)
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint .* can be resumed: skipped checkpoint-2"):
+        ckpt.resolve_resume("true", out)
+
+
+def test_run_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
+    import subprocess
+    import sys
+
+    from sft.runlock import OutputDirError, RunLock
+
+    with RunLock(str(tmp_path)):
+        with pytest.raises(OutputDirError, match=rf"in use by the run of host .*, pid {os.getpid()}, started"):
+            RunLock(str(tmp_path)).acquire()
+    RunLock(str(tmp_path)).acquire().release()  # released: free again
+    # A holder killed with SIGKILL leaves the lock file behind, but not the lock.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from sft.runlock import RunLock; "
+                               f"lock = RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(OutputDirError, match=f"pid {holder.pid},"):
+        RunLock(str(tmp_path)).acquire()
+    holder.kill()
+    holder.wait()
+    RunLock(str(tmp_path)).acquire().release()
+
+
+def test_stale_staging_of_dead_processes_is_removed_and_a_live_ones_kept(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from sft.runlock import remove_stale_staging, staging_path
+
+    final = str(tmp_path / "encoded" / "abc")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    for pid in (int(dead.stdout), os.getpid()):
+        os.makedirs(f"{final}.tmp-{host}-{pid}")
+    os.makedirs(f"{final}.tmp-elsewhere-{int(dead.stdout)}")  # another host's: its processes are not visible here
+    assert remove_stale_staging(os.path.dirname(final)) == [f"abc.tmp-{host}-{int(dead.stdout)}"]
+    assert os.path.isdir(staging_path(final)) and os.path.isdir(f"{final}.tmp-elsewhere-{int(dead.stdout)}")
+
+
+def test_unwritable_output_is_one_error_at_start(tmp_path):
+    from sft.runlock import OutputDirError, check_writable
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(OutputDirError, match=r"output_dir: cannot write to .*a-file/out \(Not a directory\)"):
+        check_writable([str(tmp_path / "a-file" / "out")])
+    if os.geteuid() != 0:  # root writes to read-only folders
+        locked = tmp_path / "readonly"
+        locked.mkdir()
+        locked.chmod(0o555)
+        try:
+            with pytest.raises(OutputDirError, match=r"cannot write to .*readonly/sft_train \(Permission denied\)"):
+                check_writable([str(locked), str(locked / "sft_train")])
+        finally:
+            locked.chmod(0o755)
 
 
 def tiny_model(vocab=64):
@@ -110,8 +219,11 @@ def test_missing_run_state_is_a_checkpoint_error(tmp_path):
     out = str(tmp_path)
     os.makedirs(ckpt.staging_dir(out, 2))
     ckpt.finish(out, 2, {"step": 2})
-    os.remove(os.path.join(ckpt.checkpoint_dir(out, 2), ckpt.STATE_FILE))  # as an older version wrote it
-    with pytest.raises(ckpt.CheckpointError, match="has no run_state.json"):
+    os.remove(os.path.join(ckpt.checkpoint_dir(out, 2), ckpt.STATE_FILE))
+    with pytest.raises(ckpt.CheckpointError, match="its run_state.json was deleted after the save"):
+        ckpt.read_state(ckpt.checkpoint_dir(out, 2))
+    os.remove(os.path.join(ckpt.checkpoint_dir(out, 2), ckpt.MANIFEST))  # as an older version wrote it
+    with pytest.raises(ckpt.CheckpointError, match="has no run_state.json .written by an older version"):
         ckpt.read_state(ckpt.checkpoint_dir(out, 2))
 
 
