@@ -9,6 +9,11 @@ is the main process address. Output streams back prefixed by node. If any node's
 the others are stopped (their whole process groups) and this launcher exits non-zero; Ctrl-C stops all.
 The repository must be at the same path on every node (a shared file system), as with Slurm. No
 dashboard is started; the only port opened beyond Ray's own is accelerate's rendezvous port.
+
+Ray's token authentication is left as Ray sets it: on for a local cluster, and on for ``--address`` when
+``RAY_AUTH_MODE=token`` or a token is found (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
+``~/.ray/auth_token``). Without it anyone who reaches the cluster's ports can run code on every node:
+``--trusted_network`` says so explicitly and sets ``RAY_AUTH_MODE=disabled`` for a cluster started that way.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ def parse_args(argv=None):
                         help="GPUs (= processes) per node; default: the fewest GPUs of any node (0: one CPU process)")
     parser.add_argument("--port", type=int, default=0, help="accelerate's main process port; 0 picks a free one")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the nodes to be placed")
+    parser.add_argument("--trusted_network", action="store_true",
+                        help="connect without Ray's token authentication (RAY_AUTH_MODE=disabled), to a cluster "
+                             "started without it on a network where everyone who can reach it may run code on it")
     parser.add_argument("config", help="run config YAML")
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides passed to scripts/train.py")
     return parser.parse_args(argv)
@@ -90,6 +98,16 @@ class NodeRunner:
                 pass
 
 
+def auth_environment(trusted_network: bool) -> dict:
+    """What the launcher sets for Ray's authentication: nothing (Ray's own default, token authentication where
+    a token exists) unless the user declared the network trusted."""
+    return {"RAY_AUTH_MODE": "disabled"} if trusted_network else {}
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def node_command(rank: int, nodes: int, per_node: int, main_ip: str, port: int, config: str,
                  overrides: list[str]) -> list[str]:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", str(nodes),
@@ -106,9 +124,15 @@ def main(argv=None) -> int:
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.update(auth_environment(args.trusted_network))
     if args.address:
-        ray.init(address=args.address, log_to_driver=False)
+        try:
+            ray.init(address=args.address, log_to_driver=False)
+        except Exception as error:  # refused token, no token, unreachable: one line that says what to do
+            print(f"error: cannot connect to the Ray cluster at {args.address}: {first_line(error)}. A cluster "
+                  "started with RAY_AUTH_MODE=token needs the same token here (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+                  "~/.ray/auth_token); one started without authentication needs --trusted_network", file=sys.stderr)
+            return 1
     else:
         if args.num_nodes != 1:
             print("error: without --address only --num_nodes 1 (a local cluster) is possible", file=sys.stderr)

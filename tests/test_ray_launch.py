@@ -1,6 +1,7 @@
 """launch/ray_launch.py on a real two-node Ray cluster started on this machine (loopback only)."""
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -23,7 +24,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    # Token authentication on, as a user should start a cluster; the token stays in this environment (no file
+    # under the user's ~/.ray).
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
     port = free_port()
     common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
     subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false", *common],
@@ -83,6 +86,29 @@ def test_a_failing_node_stops_the_job_quickly_without_orphans(cluster, setup, tm
     time.sleep(1)
     leftovers = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     assert leftovers == [], leftovers
+
+
+def test_a_launcher_without_the_clusters_token_is_refused_in_one_line(cluster, setup, tmp_path):  # noqa: F811
+    root, config = setup
+    address, env = cluster
+    stranger = dict(env, RAY_AUTH_TOKEN=secrets.token_hex(32))
+    result = subprocess.run(launch(cluster, config, tmp_path / "out"), capture_output=True, text=True, env=stranger,
+                            timeout=300, cwd=ROOT)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot connect to the Ray cluster at {address}: ")
+    assert "needs the same token here" in errors[0] and not (tmp_path / "out").exists()
+
+
+def test_authentication_is_turned_off_only_when_the_network_is_declared_trusted():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ray_launch", os.path.join(ROOT, "launch", "ray_launch.py"))
+    ray_launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ray_launch)
+    assert ray_launch.auth_environment(False) == {}  # Ray's default stays: token authentication where it has one
+    assert ray_launch.auth_environment(True) == {"RAY_AUTH_MODE": "disabled"}
+    assert ray_launch.parse_args(["--num_nodes", "1", "c.yaml"]).trusted_network is False
 
 
 @pytest.mark.parametrize("mapping, processes", [(None, 1), ("[0,1]", 2)])
