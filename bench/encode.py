@@ -40,7 +40,6 @@ import time
 
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 

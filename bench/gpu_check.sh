@@ -9,10 +9,11 @@
 #   bash bench/gpu_check.sh            # SIZE=tiny SEQ=256 STEPS=4 BATCH=2 for a quick CPU run
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the sft package of this checkout (the GPU image has no editable install)
 if [ -d .whl ] && ! python3 -c "import datasets, simple_parsing" 2>/dev/null; then
   # The lent GPU machine has no network: missing packages travel as wheels (see the device notes).
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   SIZE=${SIZE:-0.5b}; SEQ=${SEQ:-4096}; STEPS=${STEPS:-20}; BATCH=${BATCH:-4}

@@ -15,13 +15,10 @@ difference, the largest gradient difference relative to the gradient's largest e
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 ATTENTION = dict(vocab_size=32768, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                  num_key_value_heads=4, head_dim=64, pad_token_id=0, eos_token_id=1, bos_token_id=2, use_cache=False,

@@ -67,7 +67,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # ----- model shapes: the real Qwen2.5 configs' values ---------------------------------------------------------

@@ -20,6 +20,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 SUITE_STARTED=$(date +%s)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# The GPU image installs wheels, not this checkout: the sft package is found from the repository root.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 WHEELS=${WHEELS:-.whl}
 DATA=${GPU_DATA:-.gpu_data}
 # Exact pins (one version of each: two stop the install). transformers 5.24.0 is the project's pin (the image has an

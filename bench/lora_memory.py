@@ -46,11 +46,10 @@ from dataclasses import dataclass, field
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 QWEN_TOKENIZER = os.path.join(SHARED, "tokenizers", "qwen2.5-instruct")
 
-from bench.memory import run_measured  # noqa: E402
+from bench.memory import run_measured
 
 GIB = 1024 ** 3
 STEPS = 2

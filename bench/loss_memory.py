@@ -16,8 +16,6 @@ import argparse
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 VOCAB, HIDDEN = 151_936, 64
 

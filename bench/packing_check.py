@@ -9,12 +9,8 @@ samples and the same samples packed into rows (position_ids restarting, no atten
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def main() -> None:

@@ -30,7 +30,6 @@ import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 
@@ -129,16 +128,17 @@ def batches(config_path: str, steps: int, batch: int):
     from sft.collate import pad_collate
     from sft.config import load_config
     from sft.dataset import build_encoded
-    from sft.sampler import epoch_order, step_micro_batches, steps_per_epoch
+    from sft.sampler import Layout, epoch_order, step_micro_batches
 
     config = load_config(config_path, [])
     folder, _, _ = build_encoded(config, log=lambda *_: None)
     data = load_from_disk(os.path.join(folder, "train"))
-    per_epoch = steps_per_epoch(len(data), 1, batch, 1)
+    layout = Layout(processes=1, micro_batch=batch, accumulation=1)
+    per_epoch = layout.steps_per_epoch(len(data))
     out = []
     for step in range(steps):
         epoch, in_epoch = divmod(step, per_epoch)
-        indices = step_micro_batches(epoch_order(len(data), config.seed, epoch), in_epoch, 0, 1, batch, 1)[0]
+        indices = step_micro_batches(epoch_order(len(data), config.seed, epoch), in_epoch, 0, layout)[0]
         rows = data[indices]
         out.append(pad_collate([{"input_ids": i, "labels": l} for i, l in zip(rows["input_ids"], rows["labels"])],
                                pad_id=151643))

@@ -18,17 +18,15 @@ quits. A line of what was loaded goes to stderr. Runs on a GPU when there is one
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from sft.errors import UserError  # noqa: E402
-from sft.cli import run_tool  # noqa: E402
-from sft.export import (COMMANDS, chat_session, conversation, find_model_folder, generate_answer, load_model,  # noqa: E402
-                        load_template, load_tokenizer, model_source, parameter_count, stop_rule)
+from sft.errors import UserError
+from sft.cli import run_tool
+from sft.export import (find_model_folder, load_model, load_template, load_tokenizer, model_source,
+                        parameter_count)
+from sft.generation import conversation, generate_answer, stop_rule
 
 
 @dataclass
@@ -68,6 +66,38 @@ def read_line(interactive: bool) -> Optional[str]:
             return None
     line = sys.stdin.readline()
     return line if line else None
+
+
+COMMANDS = "/reset clears the history, /exit (or end of input) quits"
+
+
+def chat_session(read: Callable[[], Optional[str]], write: Callable[[str], None],
+                 respond: Callable[[list[dict]], str], system: Optional[str] = None) -> int:
+    """Interactive chat: each line ``read`` gives (None at end of input) is a user turn, answered with
+    ``respond(messages)`` (the history so far included) and written; ``/reset`` clears the history,
+    ``/exit`` quits. Returns the number of turns answered."""
+    history: list[dict] = []
+    turns = 0
+    while True:
+        line = read()
+        if line is None:
+            return turns
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            return turns
+        if line == "/reset":
+            history = []
+            write("(history cleared)")
+            continue
+        if line.startswith("/") and " " not in line:
+            write(f"(unknown command {line}: {COMMANDS})")
+            continue
+        answer = respond(conversation(line, history, system))
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
+        turns += 1
+        write(answer)
 
 
 def main(options: ChatOptions) -> None:

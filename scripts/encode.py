@@ -9,16 +9,12 @@ A second run on unchanged inputs reuses the cache (the default DIR is <output_di
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from sft.cli import run_script  # noqa: E402
-from sft.config import SFTConfig  # noqa: E402
-from sft.dataset import build_encoded, format_report  # noqa: E402
+from sft.cli import run_script
+from sft.config import SFTConfig
+from sft.dataset import build_encoded, format_report
 
 
 @dataclass

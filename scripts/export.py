@@ -21,15 +21,11 @@ exported, from where, the parameter count and the folder. An existing non-empty 
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from sft.cli import run_tool  # noqa: E402
-from sft.export import ExportResult, export, find_model_folder, model_source  # noqa: E402
+from sft.cli import run_tool
+from sft.export import ExportResult, export, find_model_folder, model_source
 
 
 @dataclass

@@ -11,11 +11,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from sft.local_tokenizer import CHATML_JINJA, save_byte_tokenizer  # noqa: E402
+from sft.local_tokenizer import CHATML_JINJA, save_byte_tokenizer
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo")
 ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \

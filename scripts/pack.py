@@ -13,17 +13,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from sft.cli import run_script  # noqa: E402
-from sft.config import SFTConfig  # noqa: E402
-from sft.dataset import META_FILE, build_encoded, read_meta  # noqa: E402
-from sft.packing import build_packed, format_packing_report  # noqa: E402
-from sft.runlock import remove_stale_staging, staging_path  # noqa: E402
+from sft.cli import run_script
+from sft.config import SFTConfig
+from sft.dataset import META_FILE, build_encoded, read_meta
+from sft.packing import build_packed, format_packing_report
+from sft.runlock import remove_stale_staging, staging_path
 
 
 @dataclass

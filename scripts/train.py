@@ -21,26 +21,25 @@ import sys
 import time
 from contextlib import contextmanager
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from accelerate.utils import broadcast_object_list, set_seed  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+from accelerate.utils import broadcast_object_list, set_seed
+from tqdm.auto import tqdm
 
-from sft import checkpoint as ckpt  # noqa: E402
-from sft.cli import run_script  # noqa: E402
-from sft.config import SFTConfig  # noqa: E402
-from sft.errors import UserError  # noqa: E402
-from sft.dataset import build_encoded, check_encoded_folder, format_report, load_tokenizer, tokenizer_fingerprint  # noqa: E402
-from sft.loader import StepDataset, step_loader  # noqa: E402
-from sft.lora import describe as describe_adapter  # noqa: E402
-from sft.metrics import MFU, MetricsWindow, RunLog, RunTotals, device_peak_flops, step_line  # noqa: E402
-from sft.runlock import RunLock, check_writable, remove_stale_staging  # noqa: E402
-from sft.runstate import DataIdentity, RunState, check_resume, packing_of  # noqa: E402
-from sft.sampler import Layout, eval_shard  # noqa: E402
-from sft.schedule import Schedule  # noqa: E402
-from sft.strategies import build_accelerator, finish, make_strategy  # noqa: E402
-from sft.templates import get_template  # noqa: E402
-from sft.worker import SFTWorker  # noqa: E402
+from sft import checkpoint as ckpt
+from sft.cli import run_script
+from sft.config import SFTConfig
+from sft.errors import UserError
+from sft.dataset import build_encoded, check_encoded_folder, format_report, load_tokenizer, tokenizer_fingerprint
+from sft.loader import StepDataset, step_loader
+from sft.lora import describe as describe_adapter
+from sft.metrics import MFU, MetricsWindow, RunLog, RunTotals, device_peak_flops, step_line
+from sft.runlock import RunLock, check_writable, remove_stale_staging
+from sft.runstate import DataIdentity, RunState, check_resume, packing_of
+from sft.sampler import Layout, eval_shard
+from sft.schedule import Schedule
+from sft.strategies import build_accelerator, finish, make_strategy
+from sft.templates import get_template
+from sft.worker import SFTWorker
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # finish the step, save, exit 0
 

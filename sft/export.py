@@ -1,5 +1,5 @@
-"""Exporting a checkpoint as a standalone HF model, and chatting with one: what scripts/export.py and
-scripts/chat.py share.
+"""Finding, loading and exporting a checkpoint's model: what scripts/export.py and scripts/chat.py share
+(answers themselves come from sft.generation).
 
 A ``--checkpoint`` / ``--model`` DIR names one model folder::
 
@@ -19,9 +19,6 @@ An export is a whole model in the base's dtype that ``AutoModelForCausalLM.from_
 tokenizer (and its Jinja chat template, when it has one) and template.json. It is written under a staging name
 next to ``--out`` and renamed when complete.
 
-Answers stop as in training's demo (``SFTWorker.answer``): at eos, and at the template's end-of-turn marker,
-which ends generation when it is one token and is cut from the text when it is several (see ``StopRule``).
-
 torch, transformers and PEFT are imported only where a model is loaded, so mistakes in the command line or
 the folders are reported before that (in well under a second).
 """
@@ -34,7 +31,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 from sft import checkpoint as ckpt
 from sft.config import looks_like_hub_id
@@ -302,88 +299,3 @@ def _stored_dtype(folder: str) -> str:
         config = json.load(handle)
     return str(config.get("dtype") or config.get("torch_dtype") or "unknown")
 
-
-# ----- chat -------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class StopRule:
-    """Where an answer ends: at any of ``ids`` (eos, and a one-token end-of-turn marker such as <|im_end|>),
-    and at ``marker`` in the text (an end-of-turn marker of several tokens cannot stop generation by id)."""
-
-    ids: tuple[int, ...]
-    marker: str
-
-    def answer_text(self, tokenizer, new_ids: list[int]) -> str:
-        """The answer in generated token ids: up to the first stop id, decoded, cut at the marker."""
-        end = next((i for i, token in enumerate(new_ids) if token in self.ids), len(new_ids))
-        text = tokenizer.decode(new_ids[:end], skip_special_tokens=False)
-        return text.split(self.marker)[0] if self.marker else text
-
-
-def stop_rule(tokenizer, template) -> StopRule:
-    """The stop tokens and marker of ``template`` for ``tokenizer`` (as SFTWorker.answer computes them)."""
-    marker = template.end_of_turn.strip()
-    stops = {tokenizer.eos_token_id}
-    marker_ids = tokenizer.encode(marker, add_special_tokens=False) if marker else []
-    if len(marker_ids) == 1:
-        stops.add(marker_ids[0])
-    stops.discard(None)
-    return StopRule(tuple(sorted(stops)), marker)
-
-
-def conversation(user: str, history: Iterable[dict] = (), system: Optional[str] = None) -> list[dict]:
-    """The messages of one turn: the optional system message, the earlier turns, the new user message."""
-    return ([{"role": "system", "content": system}] if system else []) + list(history) + \
-        [{"role": "user", "content": user}]
-
-
-def generate_answer(model, tokenizer, template, messages: list[dict], max_new_tokens: int = 256,
-                    temperature: float = 0.0, stops: Optional[StopRule] = None) -> str:
-    """The model's answer after ``messages``: greedy, or sampled at ``temperature`` when it is above 0."""
-    import torch
-
-    stops = stops or stop_rule(tokenizer, template)
-    text = template.generation_prompt(messages)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else \
-        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}  # no sampling defaults to warn about
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             pad_token_id=pad_id, eos_token_id=list(stops.ids), use_cache=True, **sampling)
-    return stops.answer_text(tokenizer, out[0, ids.shape[1]:].tolist())
-
-
-COMMANDS = "/reset clears the history, /exit (or end of input) quits"
-
-
-def chat_session(read: Callable[[], Optional[str]], write: Callable[[str], None],
-                 respond: Callable[[list[dict]], str], system: Optional[str] = None) -> int:
-    """Interactive chat: each line ``read`` gives (None at end of input) is a user turn, answered with
-    ``respond(messages)`` (the history so far included) and written; ``/reset`` clears the history,
-    ``/exit`` quits. Returns the number of turns answered."""
-    history: list[dict] = []
-    turns = 0
-    while True:
-        line = read()
-        if line is None:
-            return turns
-        line = line.strip()
-        if not line:
-            continue
-        if line == "/exit":
-            return turns
-        if line == "/reset":
-            history = []
-            write("(history cleared)")
-            continue
-        if line.startswith("/") and " " not in line:
-            write(f"(unknown command {line}: {COMMANDS})")
-            continue
-        answer = respond(conversation(line, history, system))
-        history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
-        turns += 1
-        write(answer)
-
-
-# ----- command lines ----------------------------------------------------------------------------------

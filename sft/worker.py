@@ -22,7 +22,7 @@ import torch
 from sft import checkpoint as ckpt
 from sft.config import SFTConfig
 from sft.errors import IGNORE_INDEX, UserError
-from sft.export import conversation, generate_answer, stop_rule
+from sft.generation import conversation, generate_answer, stop_rule
 from sft.loader import StepBatch, collate_rows
 from sft.architectures import Architecture
 from sft.attention import watch_packed_rows

@@ -233,7 +233,8 @@ def test_export_errors_are_one_line(models, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def export_chat(merged_export):
     """generate_answer over the merged export, as chat.py builds it."""
-    from sft.export import find_model_folder, generate_answer, load_model, load_tokenizer, model_source
+    from sft.export import find_model_folder, load_model, load_tokenizer, model_source
+    from sft.generation import generate_answer
     from sft.templates import get_template
 
     source = model_source(find_model_folder(merged_export[0], flag="--model"))
@@ -244,7 +245,7 @@ def export_chat(merged_export):
 
 
 def test_stop_rule_stops_at_eos_and_the_one_token_end_of_turn(models):
-    from sft.export import stop_rule
+    from sft.generation import stop_rule
     from sft.templates import get_template
 
     tokenizer = models["tokenizer"]
@@ -259,7 +260,8 @@ def test_stop_rule_stops_at_eos_and_the_one_token_end_of_turn(models):
 
 
 def test_chat_prompt_answers_the_same_from_the_adapter_and_its_export(models, export_chat):
-    from sft.export import conversation, generate_answer, load_model, model_source
+    from sft.export import load_model, model_source
+    from sft.generation import conversation, generate_answer
     from sft.templates import get_template
 
     result = run_script("chat", "--model", os.path.join(models["lora_out"], "sft_train", "checkpoint-7"),
@@ -275,7 +277,7 @@ def test_chat_prompt_answers_the_same_from_the_adapter_and_its_export(models, ex
 
 
 def test_chat_interactive_keeps_history_until_exit(merged_export, export_chat):
-    from sft.export import chat_session
+    chat_session = load_script("chat").chat_session
 
     lines = ["Hello there", "", "And then?", "/exit", "never read"]
     expected = []
@@ -288,7 +290,7 @@ def test_chat_interactive_keeps_history_until_exit(merged_export, export_chat):
 
 
 def test_chat_session_history_reset_and_end_of_input():
-    from sft.export import chat_session
+    chat_session = load_script("chat").chat_session
 
     seen, written = [], []
 
