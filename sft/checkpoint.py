@@ -20,7 +20,6 @@ inspection, never resumed or rotated) and named in the run's log. Only the proce
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -28,8 +27,8 @@ import shutil
 import struct
 from typing import Optional
 
-from sft.config import ConfigError
-from sft.errors import UserError
+from sft.errors import ConfigError, UserError
+from sft.files import file_digest
 
 COMPLETE = "COMPLETE"
 MANIFEST = "MANIFEST.json"
@@ -123,14 +122,6 @@ def resolve_resume(value: str, output_dir: str) -> tuple[Optional[str], list[str
     return path, []
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: str) -> dict:
     """Record every file under ``folder``: {relative path: {"size": bytes, "sha256": hex for files up to
     HASHED_UP_TO}}. Large files (weights, optimizer states) get their size only, and safetensors files are
@@ -141,7 +132,7 @@ def write_manifest(folder: str) -> dict:
             path = os.path.join(parent, name)
             entry = {"size": os.path.getsize(path)}
             if entry["size"] <= HASHED_UP_TO:
-                entry["sha256"] = _sha256(path)
+                entry["sha256"] = file_digest(path)
             files[os.path.relpath(path, folder)] = entry
     with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as handle:
         json.dump({"files": files}, handle, indent=1, sort_keys=True)
@@ -183,7 +174,7 @@ def verify(checkpoint: str) -> Optional[str]:
                 return f"{relative} is missing"
             if os.path.getsize(path) != entry["size"]:
                 return f"{relative} has {os.path.getsize(path):,} bytes, {entry['size']:,} were saved"
-            if "sha256" in entry and _sha256(path) != entry["sha256"]:
+            if "sha256" in entry and file_digest(path) != entry["sha256"]:
                 return f"{relative} changed since it was saved (SHA-256 differs)"
     elif not os.path.isfile(os.path.join(checkpoint, STATE_FILE)):
         return f"no {STATE_FILE} (and no {MANIFEST}: a checkpoint of an older version of this toolkit, or damaged)"

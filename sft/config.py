@@ -17,7 +17,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from sft.errors import UserError
+from sft.errors import ConfigError
+from sft.specs import looks_like_hub_id, spec_problem
+from sft.strategy_options import check_strategy_args
 
 TEMPLATES = ("native", "qwen2_5", "qwen3", "chatml", "llama3", "base", "empty", "alpaca")
 OVERLONG_POLICIES = ("truncate", "drop", "error")
@@ -27,10 +29,6 @@ DTYPES = ("bf16", "fp16", "fp32")
 # Values a user may write to mean "no value" for an optional string field on the command line, where
 # simple-parsing cannot produce None.
 _NONE_STRINGS = ("", "none", "null", "None", "~")
-
-
-class ConfigError(UserError):
-    """A config value is invalid; the message names the field."""
 
 
 def _mapping(text: Any) -> dict:
@@ -300,10 +298,9 @@ class SFTConfig:
             raise ConfigError("sft_train.model_args.router_aux_loss_coef: must not be negative (0: off), got "
                               f"{self.sft_train.model_args.router_aux_loss_coef}")
         args = self.sft_train.training_args
-        # Choices owned by the modules that implement them (torch-free at import; sft.strategies imports this module).
+        # Choices owned by the modules that implement them (torch-free at import, and they import no config).
         from sft.runstate import ACCEPTABLE_CHANGES
         from sft.schedule import SCHEDULES
-        from sft.strategies import check_strategy_args
 
         _check_choice("sft_train.training_args.lr_scheduler_type", args.lr_scheduler_type, SCHEDULES)
         _check_choice("sft_train.training_args.on_nan", args.on_nan, ("error", "skip"))
@@ -345,8 +342,6 @@ class SFTConfig:
 
     def check_paths(self) -> None:
         """Fail, naming the field, when a configured input file or folder does not exist."""
-        from sft.sources import spec_problem  # here, not at the top: sft.sources imports this module
-
         if self.pretrain is None:
             raise ConfigError("pretrain: not set; give the model (or tokenizer) folder or hub id")
         if not os.path.exists(self.pretrain) and not looks_like_hub_id(self.pretrain):
@@ -364,11 +359,6 @@ class SFTConfig:
                 problem = spec_problem(path)
                 if problem is not None:
                     raise ConfigError(f"{name}: {problem}")
-
-
-def looks_like_hub_id(name: str) -> bool:
-    """org/name, as the Hub names models and datasets (not a relative path such as ./a/b)."""
-    return bool(re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", name)) and not name.startswith((".", "/"))
 
 
 def parse_device_mapping(value: Optional[str]) -> Optional[list[int]]:

@@ -29,12 +29,10 @@ named in ``Conversation.ignored_keys`` and counted in the encode report. Problem
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from sft.config import SFTConfig
-from sft.errors import UserError
 
 # ShareGPT speaker names -> chat roles. function_call is the assistant calling a tool; observation is the
 # tool's answer (LLaMA-Factory's glaive format).
@@ -49,10 +47,6 @@ OPENAI_ROLES = {
     "system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool",
     "function": "tool",
 }
-
-
-class DataError(UserError):
-    """A whole input file is unusable (unreadable, malformed JSON, a key no row has)."""
 
 
 class BadSample(ValueError):

@@ -20,8 +20,9 @@ import os
 import shutil
 from typing import Optional
 
-from sft.config import ConfigError, SFTConfig
-from sft.data import DataError, FieldMapping
+from sft.config import SFTConfig
+from sft.data import FieldMapping
+from sft.errors import ConfigError, DataError
 from sft.encoding import EncodeSettings
 from sft.pipeline import encode_split
 from sft.runlock import remove_stale_staging, staging_path

@@ -10,3 +10,11 @@ IGNORE_INDEX = -100  # labels[i] == IGNORE_INDEX: token i is context, not a targ
 
 class UserError(ValueError):
     """A mistake in the user's config, data or command line; the message says what and where."""
+
+
+class ConfigError(UserError):
+    """A config value is invalid; the message names the field."""
+
+
+class DataError(UserError):
+    """A whole input file is unusable (unreadable, malformed JSON, a key no row has)."""

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from sft import checkpoint as ckpt
-from sft.config import looks_like_hub_id
+from sft.specs import looks_like_hub_id
 from sft.errors import UserError
 
 MODEL_CONFIG = "config.json"

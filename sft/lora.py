@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 
-from sft.config import ConfigError
+from sft.errors import ConfigError
 
 ALL_LINEAR = "all-linear"
 _REGEX_CHARS = re.compile(r"[\\^$.*+?()\[\]{}|]")

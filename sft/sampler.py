@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sft.config import ConfigError
+from sft.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -25,18 +25,18 @@ import os
 import re
 import shutil
 import tempfile
-import urllib.parse
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
-from sft.data import DataError, FieldMapping
+from sft.data import FieldMapping
+from sft.errors import DataError
+from sft.specs import SourceSpec, parse_spec
+from sft.files import file_digest
 
 BLOCK_BYTES = 8 << 20  # bytes read at a time from a .json array
 RAW_BATCH_ROWS = 4096  # row texts per Arrow record batch of a scanned JSON/JSONL file
 RAW_BATCH_CHARS = 16 << 20  # ... or fewer when the rows are long (an Arrow string array holds at most 2 GiB)
 KEY_CHECK_ROWS = 1000  # rows whose keys check_keys looks at
-FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
-_HUB_ID = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
 
 
 @dataclass(frozen=True)
@@ -65,56 +65,6 @@ class RawRow:
     row: int  # 1-based position in the file
     line: int  # 1-based line where the record starts
     text: str
-
-
-# ----- source specs ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """One entry of file_name, taken apart: ``org/name?config=C&split=S`` -> path org/name, config C, split S."""
-
-    text: str  # as configured: the prefix of every row's source id
-    path: str  # file, folder or Hub id
-    kind: str  # json | jsonl | parquet | saved (a save_to_disk folder) | folder | hub
-    config: Optional[str] = None
-    split: Optional[str] = None  # None: the default (train, or the only one)
-
-
-def parse_spec(text: str) -> SourceSpec:
-    """Tell what a file_name entry is, without loading it. Raises DataError for what cannot be an input."""
-    path, query = text, ""
-    if not os.path.exists(text) and "?" in text:
-        path, _, query = text.partition("?")
-    options: dict[str, str] = {}
-    for key, values in urllib.parse.parse_qs(query, keep_blank_values=True).items():
-        if key not in ("config", "split"):
-            raise DataError(f"{text}: unknown option '{key}'; a source takes ?config=NAME&split=NAME")
-        if len(values) != 1 or not values[0]:
-            raise DataError(f"{text}: give ?{key}= one non-empty value")
-        options[key] = values[0]
-    if os.path.isfile(path):
-        kind = next((suffix[1:] for suffix in FILE_SUFFIXES if path.endswith(suffix)), None)
-        if kind is None:
-            raise DataError(f"{path} is neither .json, .jsonl nor .parquet (nor a dataset folder or Hub id)")
-        if options:
-            raise DataError(f"{text}: ?config= and ?split= choose within a dataset folder or Hub id, not a {path.rsplit('.', 1)[1]} file")
-        return SourceSpec(text, path, kind)
-    if os.path.isdir(path):
-        saved = any(os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json"))
-        return SourceSpec(text, path, "saved" if saved else "folder", options.get("config"), options.get("split"))
-    if path.endswith(FILE_SUFFIXES) or path.startswith((".", os.sep, "~")) or not _HUB_ID.fullmatch(path):
-        raise DataError(f"file not found: {path}" if path.endswith(FILE_SUFFIXES) else
-                        f"{path}: not found (neither a file, a folder nor a Hub dataset id org/name)")
-    return SourceSpec(text, path, "hub", options.get("config"), options.get("split"))
-
-
-def spec_problem(text: str) -> Optional[str]:
-    """What is wrong with a file_name entry that can be told without loading it (for config checks), or None."""
-    try:
-        parse_spec(text)
-    except DataError as error:
-        return str(error)
-    return None
 
 
 # ----- sources -----------------------------------------------------------------------------------
@@ -162,15 +112,6 @@ def open_source(text: str, work_dir: Optional[str] = None) -> RowSource:
 def source_fingerprint(text: str) -> str:
     with open_source(text) as source:
         return source.fingerprint()
-
-
-def file_digest(path: str) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_fingerprint(path: str) -> str:

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from sft.data import DataError, FieldMapping
+from sft.data import FieldMapping
+from sft.errors import DataError
 from sft.encoding import EncodeError, EncodeSettings
 from sft.pipeline import encode_split
 from sft.sources import (MappedArrowFiles, check_keys, iter_json_array, iter_jsonl, open_source, parse_spec, read_all,

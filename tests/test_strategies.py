@@ -21,7 +21,9 @@ def parse(tmp_path, strategy, options=None, *args):
 
 
 def test_the_registry_names_every_strategy_and_each_implements_the_interface():
-    assert list(STRATEGIES) == ["ddp_train", "deepspeed_train", "fsdp2_train"]
+    from sft.strategy_options import OPTIONS
+
+    assert list(STRATEGIES) == ["ddp_train", "deepspeed_train", "fsdp2_train"] == list(OPTIONS)
     for name, cls in STRATEGIES.items():
         assert issubclass(cls, Strategy) and cls.name == name
 
