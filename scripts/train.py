@@ -37,7 +37,7 @@ from sft.runlock import RunLock, check_writable, remove_stale_staging
 from sft.runstate import DataIdentity, RunState, check_resume, packing_of
 from sft.sampler import Layout, eval_shard
 from sft.schedule import Schedule
-from sft.strategies import build_accelerator, finish, make_strategy
+from sft.strategies import build_accelerator, finish, leave_after_finish, make_strategy
 from sft.templates import get_template
 from sft.worker import SFTWorker
 
@@ -241,4 +241,9 @@ def fine_tune(config: SFTConfig, strategy, accelerator, notes: list[str]) -> dic
 
 
 if __name__ == "__main__":
-    run_script(main)
+    try:
+        run_script(main)
+    except SystemExit as stop:
+        leave_after_finish(stop.code)  # returns only when no process group was taken down
+        raise
+    leave_after_finish()

@@ -12,23 +12,24 @@ the strategy. A strategy decides:
     resume on another process count  yes             no (partitioned per process)    yes (DCP reshards)
     on_nan: skip                   yes                 no (steps inside backward)      no
 
-Adding a strategy is one subclass plus one line in STRATEGIES. A model transform (LoRA) wraps the model
-before ``prepare`` and is exported by ``full_state_dict``; the optimizer takes only trainable parameters.
+Adding a strategy is one subclass, one line in STRATEGIES and its entry in strategy_options.OPTIONS. A model
+transform (LoRA) wraps the model before ``prepare`` and is exported by ``full_state_dict``; the optimizer takes only trainable parameters.
 
-The class attributes (``options``, ``supports_nan_skip``, ...) are read when the config is parsed, so this
-module imports no torch at the top: config parsing (scripts/encode.py) stays free of it.
+What each strategy accepts in strategy_config (and whether it can drop a step) is the table in
+sft/strategy_options.py, which the config checks itself with; this module imports no torch at the top.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import socket
 from typing import Any, Callable, ClassVar
 
 from sft import checkpoint as ckpt
-from sft.config import ConfigError, SFTConfig
+from sft.config import SFTConfig
+from sft.errors import ConfigError
+from sft.strategy_options import OPTIONS, SKIPS_A_STEP
 
 
 class Strategy:
@@ -45,18 +46,6 @@ class Strategy:
         self.config = config
         self.accelerator = self.model = self.optimizer = None
 
-    @classmethod
-    def check_options(cls, options: dict) -> None:
-        """Refuse strategy_config keys this strategy does not read, naming the allowed ones."""
-        for key in options:
-            if key not in cls.options:
-                allowed = ", ".join(cls.options) or "none"
-                close = difflib.get_close_matches(str(key), list(cls.options), n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                raise ConfigError(f"sft_train.strategy_args.strategy_config: unknown key {key!r} for {cls.name}{hint}; "
-                                  f"allowed keys: {allowed}")
-
-    # ----- set-up ----------------------------------------------------------------------------------
     def accelerator_kwargs(self, on_gpu: bool) -> dict:
         mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[self.config.sft_train.model_args.dtype]
         return {"cpu": not on_gpu, "mixed_precision": mixed}
@@ -114,7 +103,7 @@ class DDPStrategy(Strategy):
     """Data parallel: every process holds the whole model; gradients are averaged in backward."""
 
     name = "ddp_train"
-    supports_nan_skip = True
+    supports_nan_skip = name in SKIPS_A_STEP
 
     def prepare(self, accelerator, model, make_optimizer):
         super().prepare(accelerator, model, make_optimizer)
@@ -172,32 +161,10 @@ class DeepSpeedStrategy(Strategy):
     """DeepSpeed ZeRO through Accelerate's plugin; clipping and the optimizer step happen inside backward."""
 
     name = "deepspeed_train"
-    options = {
-        "zero_stage": "ZeRO stage 0-3 (default 2)",
-        "offload_optimizer": "keep the optimizer state in CPU memory (true/false)",
-        "offload_param": "keep the parameters in CPU memory (ZeRO-3 only)",
-        "deepspeed_config": "a DeepSpeed JSON file to use instead of the keys above",
-    }
+    options = OPTIONS[name]
     reshards_on_load = False  # ZeRO partitions are written per process
     needs_process_group = True  # DeepSpeed's engine talks to its group even alone
     uses_deepspeed = True
-
-    @classmethod
-    def check_options(cls, options: dict) -> None:
-        super().check_options(options)
-        field = "sft_train.strategy_args.strategy_config"
-        if "deepspeed_config" in options and len(options) > 1:
-            raise ConfigError(f"{field}: give either deepspeed_config (a JSON file) or the keys "
-                              f"{', '.join(key for key in options if key != 'deepspeed_config')}, not both")
-        stage = options.get("zero_stage", 2)
-        if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
-            raise ConfigError(f"{field}.zero_stage: must be 0-3, got {stage!r}")
-        for key in ("offload_optimizer", "offload_param"):
-            if not isinstance(options.get(key, False), bool):
-                raise ConfigError(f"{field}.{key}: expected true or false, got {options[key]!r}")
-        if options.get("offload_param") and stage != 3:
-            raise ConfigError(f"{field}.offload_param: needs zero_stage 3 (parameters are partitioned only there), "
-                              f"got zero_stage {stage}")
 
     def deepspeed_config(self) -> dict:
         """The DeepSpeed config of this run, from strategy_config (or the JSON file it names)."""
@@ -332,26 +299,6 @@ class FSDP2Strategy(Strategy):
 
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (DDPStrategy, DeepSpeedStrategy, FSDP2Strategy)}
 
-REFUSED = {
-    "megatron_train": "megatron_train is not supported by this toolkit (it runs on Accelerate); use deepspeed_train "
-                      "with strategy_config {zero_stage: 3} for a model that does not fit with ddp_train.",
-}
-
-
-def check_strategy_args(name: str, options: dict, on_nan: str) -> None:
-    """Parse-time checks of strategy_name, its strategy_config keys and on_nan (called by SFTConfig)."""
-    if name in REFUSED:
-        raise ConfigError(f"sft_train.strategy_args.strategy_name: {REFUSED[name]}")
-    if name not in STRATEGIES:
-        raise ConfigError(f"sft_train.strategy_args.strategy_name: {name!r} is not one of {', '.join(STRATEGIES)}")
-    strategy = STRATEGIES[name]
-    strategy.check_options(options)
-    if on_nan == "skip" and not strategy.supports_nan_skip:
-        able = ", ".join(key for key, cls in STRATEGIES.items() if cls.supports_nan_skip)
-        raise ConfigError(f"sft_train.training_args.on_nan: skip is not supported with {name}; use error, "
-                          f"or a strategy that can drop a step ({able})")
-
-
 def make_strategy(config: SFTConfig) -> Strategy:
     return STRATEGIES[config.sft_train.strategy_args.strategy_name](config)
 
@@ -410,12 +357,42 @@ def build_accelerator(config: SFTConfig, strategy: Strategy):
     return accelerator
 
 
+_GROUP_TAKEN_DOWN = False
+
+
 def finish(accelerator) -> None:
-    """End the run's trackers and take the process group down before the interpreter exits: a gloo group left to
-    static destruction has aborted ranks at exit ("terminate called without an active exception")."""
+    """End the run's trackers and take the process group down. That alone does not stop gloo's worker threads
+    (pt_gloo_runloop): they live as long as the ProcessGroup objects, and DeepSpeed keeps those (every ZeRO-3
+    parameter's ds_process_group, deepspeed.utils.groups, the engine). A worker that drops the last C++ reference
+    of a finished collective's tensor takes the GIL to free its Python object; once interpreter shutdown has begun,
+    Python ends such a thread with pthread_exit, whose unwinding through a noexcept destructor
+    (AsyncAllgatherWork) calls std::terminate: "terminate called without an active exception", SIGABRT. So a
+    process that took a group down ends with ``leave_after_finish`` (os._exit, no interpreter shutdown)."""
+    global _GROUP_TAKEN_DOWN
     import torch.distributed as dist
 
     accelerator.end_training()
     if dist.is_available() and dist.is_initialized():
         accelerator.wait_for_everyone()
         dist.destroy_process_group()
+        _GROUP_TAKEN_DOWN = True
+
+
+def leave_after_finish(code=0) -> None:
+    """End the process with exit status ``code`` (as ``sys.exit`` reads it) without interpreter shutdown if
+    ``finish`` took a process group down (see there); return otherwise. Trackers were ended by ``finish``."""
+    if not _GROUP_TAKEN_DOWN:
+        return
+    import logging
+    import sys
+
+    if isinstance(code, str):  # sys.exit("message") prints it and exits 1
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0 if code is None else code)
