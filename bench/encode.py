@@ -3,6 +3,7 @@
     python bench/encode.py [--rows 50000]             # in-process throughput (below)
     python bench/encode.py --process [--rows 50000]   # whole processes, start-up included: the tracked goal
     python bench/encode.py --memory --rows 200000 1000000 [--timeout 900]   # whole processes, peak memory
+    python bench/encode.py --smoke [--process | --memory]                  # a few hundred rows: seconds
 
 Data: the shared Alpaca-style files (alpaca_en_demo.json + code_alpaca_2k.json) replicated to --rows
 rows. Every encoder runs with the same thread settings: TOKENIZERS_PARALLELISM=false, so each process
@@ -10,7 +11,7 @@ tokenizes on one thread.
 
 In-process (the default): times cover JSON file -> encoded rows in memory (not the save to disk).
 
-* ours: scripts/encode.py's path (sft.pipeline.encode_split) with the named qwen2_5 and the native template;
+* ours: scripts/encode.py's path (sft.data.pipeline.encode_split) with the named qwen2_5 and the native template;
 * ROLL-style: per sample, render the prompt and the prompt+response with apply_chat_template, tokenize
   both one at a time, mask len(prompt_ids) tokens, through datasets.map (one process);
 * raw limit: batch-tokenizing the already-rendered full strings, nothing else (and the same split over
@@ -118,10 +119,10 @@ def in_process_table(args) -> None:
 
 
 def _time_in_process(args, tokenizer, rows: list[dict], path: str) -> None:
-    from sft.data import FieldMapping, conversation_from_row
-    from sft.encoding import EncodeSettings
-    from sft.pipeline import encode_split
-    from sft.templates import get_template
+    from sft.data.conversation import FieldMapping, conversation_from_row
+    from sft.data.encoding import EncodeSettings
+    from sft.data.pipeline import encode_split
+    from sft.data.templates import get_template
 
     settings = EncodeSettings(FieldMapping(), sequence_length=4096)
     rendered = [get_template("qwen2_5", tokenizer).render(conversation_from_row(row, settings.mapping))[0].text for row in rows]
@@ -309,7 +310,11 @@ def main() -> None:
                         help="rounds, best of each reported; default 2 in-process, 3 with --process (--memory runs once)")
     parser.add_argument("--timeout", type=float, default=900, help="--memory: stop a run after this many seconds")
     parser.add_argument("--tokenizer", default=os.path.join(SHARED, "tokenizers", "qwen2.5-instruct"))
+    parser.add_argument("--smoke", action="store_true", help="a few hundred rows, one round: seconds (the tests run it)")
     args = parser.parse_args()
+    if args.smoke:
+        args.rows = args.rows or ([300, 600] if args.memory else [300])
+        args.repeats, args.timeout = 1, min(args.timeout, 120)
     args.rows = args.rows or ([200_000, 1_000_000] if args.memory else [50_000])
     args.tokenizer = os.path.abspath(args.tokenizer)
 

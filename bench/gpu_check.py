@@ -55,8 +55,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer, Qwen2Config
 
-    from sft.local_tokenizer import CHATML_JINJA, save_byte_tokenizer
-    from sft.templates import get_template
+    from sft.data.local_tokenizer import CHATML_JINJA, save_byte_tokenizer
+    from sft.data.templates import get_template
 
     model = os.path.join(args.out, "model")
     save_byte_tokenizer(model, chat_template=CHATML_JINJA)

@@ -58,11 +58,11 @@ def build(family: str, packed: bool, dry_run: bool, device, dtype):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sft.architectures import Architecture
-    from sft.attention import watch_packed_rows
-    from sft.hybrid import separate_samples
-    from sft.modeling import attention_implementation
-    from sft.moe import Router
+    from sft.train.architectures import Architecture
+    from sft.train.attention import watch_packed_rows
+    from sft.train.hybrid import separate_samples
+    from sft.train.modeling import attention_implementation
+    from sft.train.moe import Router
 
     values = dict(SHAPES[family])
     if dry_run:
@@ -83,7 +83,7 @@ def build(family: str, packed: bool, dry_run: bool, device, dtype):
 
 def step(model, router, batches, targets: int, tokens: int, device):
     """The worker's objective over the batches; (loss sum, router sum, gradients as float32)."""
-    from sft.modeling import forward_loss
+    from sft.train.modeling import forward_loss
 
     model.zero_grad(set_to_none=True)
     loss = aux = 0.0
@@ -109,13 +109,14 @@ def differences(reference, other) -> tuple[float, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="CPU, float32, small shapes")
+    parser.add_argument("--dry-run", "--smoke", action="store_true", dest="dry_run",
+                        help="CPU, float32, small shapes (the tests run it)")
     parser.add_argument("--families", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     args = parser.parse_args()
     import torch
 
-    from sft.collate import pad_collate
-    from sft.packing import pack_bins, packed_collate, packed_row
+    from sft.data.collate import pad_collate
+    from sft.data.packing import pack_bins, packed_collate, packed_row
 
     cuda = torch.cuda.is_available() and not args.dry_run
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)

@@ -13,7 +13,7 @@ What each case is (same encoded samples, same optimizer steps, bf16 autocast ove
 * padded    scripts/train.py, padded batches (as many samples per micro-batch as fit rows x sequence_length if
             all were as long as the longest sample), attn sdpa;
 * block     scripts/train.py, packed rows (our bfd), attn sdpa: transformers' block-diagonal mask over each row;
-* varlen    scripts/train.py, packed rows, attn "varlen" (sft/attention.py: torch's varlen_attn on CUDA);
+* varlen    scripts/train.py, packed rows, attn "varlen" (sft/train/attention.py: torch's varlen_attn on CUDA);
 * zero3     packed rows, strategy deepspeed_train {zero_stage: 3} on the one GPU, attn "auto" (the project's
             default, which picks varlen; the table's attention column says what ran);
 * trl       TRL's SFTTrainer on the same encoded rows (input_ids + our labels): packing=True with the "bfd"
@@ -33,12 +33,12 @@ Numbers per case, over the optimizer steps after the first third (warm-up):
 * tokens/s: non-pad tokens per second of wall time per optimizer step (ours: its metrics.jsonl, logging every
   step, time including waiting for batches; TRL: step end to step end, CUDA synchronised, tokens counted in its
   collator);
-* MFU: sft.modeling.train_flops_per_token (6 x non-embedding parameters + 12 L d x mean sample length + the output
+* MFU: sft.train.modeling.train_flops_per_token (6 x non-embedding parameters + 12 L d x mean sample length + the output
   layer at the supervised fraction of positions) x tokens, for ours and TRL alike (TRL's fused head also computes
   logits at labelled positions only), over the card's dense bf16 peak: the datasheet's (H100 SXM and H200: 989
-  TFLOP/s, from torch.cuda.get_device_name) and, beside it, the project's measured peak (sft.metrics.
+  TFLOP/s, from torch.cuda.get_device_name) and, beside it, the project's measured peak (sft.train.metrics.
   device_peak_flops: 790 TFLOP/s on this workplace's H100/H200);
-* peak memory: torch.cuda.max_memory_allocated inside each process (sft.metrics.peak_memory_bytes: ours logs it
+* peak memory: torch.cuda.max_memory_allocated inside each process (sft.train.metrics.peak_memory_bytes: ours logs it
   in metrics.jsonl, TRL's worker prints it; max RSS on a CPU), and nvidia-smi's memory.used sampled every 0.5 s
   from outside (allocator cache and CUDA context included), and the process tree's PSS (bench/memory.py).
 
@@ -328,13 +328,13 @@ class Device:
     name: str
     cuda: bool
     datasheet_peak: Optional[float]  # FLOP/s
-    measured_peak: Optional[float]  # FLOP/s, sft.metrics.device_peak_flops
+    measured_peak: Optional[float]  # FLOP/s, sft.train.metrics.device_peak_flops
 
 
 def detect_device(peak_tflops: float = 0.0) -> Device:
     import torch
 
-    from sft.metrics import device_peak_flops
+    from sft.train.metrics import device_peak_flops
 
     cuda = torch.cuda.is_available()
     name = torch.cuda.get_device_name(0) if cuda else "CPU"
@@ -353,13 +353,13 @@ def datasheet_peak(name: str) -> Optional[float]:
 def flop_model(model_dir: str):
     """flops_per_token(mean_sample_length, target_fraction) for the model config in model_dir: active parameters
     (an MoE token passes through top-k of its experts) counted on the meta device (no memory, exact, tied
-    embeddings once), then sft.modeling.train_flops_per_token, as the trainer's MFU counts them."""
+    embeddings once), then sft.train.modeling.train_flops_per_token, as the trainer's MFU counts them."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sft.architectures import Architecture
-    from sft.modeling import train_flops_per_token
-    from sft.moe import active_parameters
+    from sft.train.architectures import Architecture
+    from sft.train.modeling import train_flops_per_token
+    from sft.train.moe import active_parameters
 
     config = AutoConfig.from_pretrained(model_dir)
     architecture = Architecture.of(config)
@@ -382,7 +382,7 @@ class Result:
     steps: int = 0
     tokens_per_second: Optional[float] = None
     mfu: Optional[float] = None  # datasheet peak
-    mfu_measured_peak: Optional[float] = None  # sft.metrics.device_peak_flops
+    mfu_measured_peak: Optional[float] = None  # sft.train.metrics.device_peak_flops
     tokens_per_step: Optional[float] = None
     samples_per_step: Optional[float] = None
     padding: Optional[float] = None
@@ -484,7 +484,7 @@ def format_report(results: list[Result], header: dict) -> str:
     for goal in goals:
         lines.append(f"- {goal['goal']}: {goal['verdict']} ({goal['detail']})")
     lines += ["", "tokens/s: non-pad tokens per second over the optimizer steps after the first third. MFU: "
-                  "sft.modeling.train_flops_per_token x tokens (ours and TRL alike) over the dense bf16 peak, "
+                  "sft.train.modeling.train_flops_per_token x tokens (ours and TRL alike) over the dense bf16 peak, "
                   "datasheet and measured. peak alloc: torch.cuda.max_memory_allocated in the process (max RSS on "
                   "a CPU); nvidia-smi: memory.used sampled from outside (cache and context included); host PSS: "
                   "the process tree's (bench/memory.py)."]
@@ -622,7 +622,7 @@ def write_models(work: str, shapes: set[str], tokenizer: str, root: str) -> dict
 
     source = os.path.join(work, "tokenizer")
     if tokenizer == "byte":
-        from sft.local_tokenizer import CHATML_JINJA, save_byte_tokenizer
+        from sft.data.local_tokenizer import CHATML_JINJA, save_byte_tokenizer
 
         save_byte_tokenizer(source, chat_template=CHATML_JINJA)
     else:
@@ -690,7 +690,7 @@ def trl_worker(argv: list[str]) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from sft.metrics import peak_memory_bytes
+    from sft.train.metrics import peak_memory_bytes
 
     cuda = torch.cuda.is_available()
     data = load_from_disk(os.path.join(args.encoded, "train")).select_columns(["input_ids", "labels"])

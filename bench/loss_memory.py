@@ -2,6 +2,7 @@
 
     python bench/loss_memory.py                          # targets 1024 2048 4096, chunk 1024
     python bench/loss_memory.py --targets 2048 8192 --chunk 512
+    python bench/loss_memory.py --smoke                  # 256 targets, chunk 128
 
 A 2-layer Qwen2 with Qwen2.5's 151,936-token vocabulary and hidden size 64 (so the output layer's logits,
 targets x vocabulary x 4 bytes, are all that grows), float32, one row whose every token is a target. Each
@@ -27,7 +28,7 @@ def one(targets: int, chunk_size: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from sft.modeling import loss_sum
+    from sft.train.modeling import loss_sum
 
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
@@ -45,12 +46,15 @@ def main() -> None:
     parser.add_argument("--targets", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--chunk", type=int, default=1024)
     parser.add_argument("--one", type=int, nargs=2, help=argparse.SUPPRESS)  # targets chunk: the measured child
+    parser.add_argument("--smoke", action="store_true", help="256 targets, chunk 128: seconds (the tests run it)")
     args = parser.parse_args()
+    if args.smoke:
+        args.targets, args.chunk = [256], 128
     if args.one:
         one(*args.one)
         return
 
-    from bench.memory import run_measured
+    from memory import run_measured  # bench/memory.py: the script's folder is on sys.path
 
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     print(f"vocabulary {VOCAB:,}, hidden {HIDDEN}, float32: the logits of all targets are targets x "

@@ -1,6 +1,6 @@
 """Packed vs unpacked loss and gradients on this machine's device and dtype (bf16 on a GPU, float64 on CPU).
 
-    python bench/packing_check.py [--attn sdpa] [--dtype bf16]
+    python bench/packing_check.py [--attn sdpa] [--dtype bf16] [--smoke]
 
 Prints the relative difference of the summed loss and of the gradient norm between a padded batch of
 samples and the same samples packed into rows (position_ids restarting, no attention mask).
@@ -17,14 +17,15 @@ def main() -> None:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from sft.collate import pad_collate
-    from sft.modeling import loss_sum
-    from sft.packing import pack_bins, packed_collate, packed_row
+    from sft.data.collate import pad_collate
+    from sft.train.modeling import loss_sum
+    from sft.data.packing import pack_bins, packed_collate, packed_row
 
     on_gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser()
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--dtype", default="bf16" if on_gpu else "fp64", choices=["bf16", "fp32", "fp64"])
+    parser.add_argument("--smoke", action="store_true", help="6 samples of at most 200 tokens (the tests run it)")
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[args.dtype]
     device = "cuda" if on_gpu else "cpu"
@@ -34,8 +35,8 @@ def main() -> None:
     model = Qwen2ForCausalLM(config).to(device=device, dtype=dtype)
     rng = random.Random(0)
     samples = []
-    for _ in range(16):
-        length = rng.randint(32, 900)
+    for _ in range(6 if args.smoke else 16):
+        length = rng.randint(32, 200 if args.smoke else 900)
         ids = [rng.randint(1, 1023) for _ in range(length)]
         prompt = rng.randint(1, length // 2)
         samples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})

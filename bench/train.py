@@ -2,8 +2,9 @@
 
     python bench/train.py [--steps 24] [--batch 4]      # CPU; pip install trl to include TRL's rows
     python bench/train.py --packing [--lengths 1024 4096] [--models tiny small]
-                                                        # padded vs packed (block mask) vs packed (varlen)
+                                                        # padded vs packed (varlen)
     python bench/train.py --families [--lengths 1024]   # MoE and hybrid shapes: padded vs packed, defaults
+    python bench/train.py --smoke [--packing | --families]   # the same tables from a few tiny steps
 
 A tiny Qwen2-shaped model (hidden 64, 2 layers) with the real Qwen2.5 tokenizer's vocabulary (151,665
 tokens): as in users' small models, the output layer is most of the cost. Data: alpaca_en_demo.json with
@@ -125,10 +126,10 @@ def batches(config_path: str, steps: int, batch: int):
     """The samples scripts/train.py takes at each step (same order function), collated the same way."""
     from datasets import load_from_disk
 
-    from sft.collate import pad_collate
+    from sft.data.collate import pad_collate
     from sft.config import load_config
-    from sft.dataset import build_encoded
-    from sft.sampler import Layout, epoch_order, step_micro_batches
+    from sft.data.build import build_encoded
+    from sft.train.sampler import Layout, epoch_order, step_micro_batches
 
     config = load_config(config_path, [])
     folder, _, _ = build_encoded(config, log=lambda *_: None)
@@ -149,7 +150,7 @@ def bare(model_dir: str, step_batches, target_only: bool) -> float:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sft.modeling import loss_sum
+    from sft.train.modeling import loss_sum
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), attn_implementation="sdpa")
@@ -264,8 +265,10 @@ def ours_alone(config: str, work: str, name: str) -> tuple[float, float]:
     return best
 
 
-# (label, packed, attention): padded batches, packed rows with transformers' block mask, packed rows per sample.
-PACKING_VARIANTS = (("padded", False, "sdpa"), ("packed, block mask", True, "sdpa"), ("packed, varlen", True, "varlen"))
+# (label, packed, attention): padded batches, packed rows per sample (varlen).
+# A packed run that names sdpa runs varlen (sft/train/architectures.py): transformers' block mask over a whole row is
+# no longer a mode of scripts/train.py, so the comparison is padded vs packed.
+PACKING_VARIANTS = (("padded", False, "sdpa"), ("packed, varlen", True, "varlen"))
 PADDED_SAMPLES = 8  # samples a step, padded to the longest
 
 
@@ -275,11 +278,10 @@ def packed_rows_per_step(sequence_length: int) -> int:
 
 
 def packing_comparison(steps: int, lengths: list[int], shapes: list[str]) -> None:
-    """scripts/train.py padded (8 samples a step, padded to the longest) vs packed rows with sdpa (transformers'
-    block-diagonal mask over each whole row) vs packed rows with varlen (attention within each sample), at each
-    sequence_length, for both model shapes, all in one run. Padding costs the model body, not the output layer
-    (our loss computes logits at target positions only), and the block mask costs row_length^2 per layer, so
-    packing gains in proportion to the body's share of the work, and varlen most at long rows."""
+    """scripts/train.py padded (8 samples a step, padded to the longest) vs packed rows with varlen (attention within
+    each sample), at each sequence_length, for both model shapes, all in one run. Padding costs the model body, not
+    the output layer (our loss computes logits at target positions only), so packing gains in proportion to the
+    body's share of the work."""
     work = tempfile.mkdtemp(prefix="bench_train_packing_")
     load_before = os.getloadavg()[0]
     labels = {"tiny": "tiny, Qwen2.5 vocab 151,665 (output layer ~99%)",
@@ -306,22 +308,21 @@ def packing_comparison(steps: int, lengths: list[int], shapes: list[str]) -> Non
             results.append((labels[shape], sequence_length, *rates, disturbed))
     print(f"\nscripts/train.py on alpaca_en_demo (qwen2_5 template), {steps} steps, fp32, CPU, 1-minute load "
           f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after; effective (non-pad) tokens/s after warm-up. "
-          f"padded: {PADDED_SAMPLES} samples a step; packed: 2 rows of <= 1024 tokens a step at 1024, 1 row at 4096; "
-          "block mask: sdpa (transformers' block-diagonal mask over the row); varlen: attention within each sample\n")
-    print(f"| {'model':<54} | {'length':>6} | {'padded':>7} | {'block mask':>10} | {'varlen':>7} | "
-          f"{'varlen / padded':>15} | {'varlen / block mask':>19} | {'block mask / padded':>19} | {'others':>6} |")
-    print(f"|{'-' * 56}|{'-' * 7}:|{'-' * 8}:|{'-' * 11}:|{'-' * 8}:|{'-' * 16}:|{'-' * 20}:|{'-' * 20}:|{'-' * 7}:|")
-    for label, sequence_length, padded, block, varlen, disturbed in results:
-        print(f"| {label:<54} | {sequence_length:>6} | {padded:>7,.0f} | {block:>10,.0f} | {varlen:>7,.0f} | "
-              f"{varlen / padded:>15.2f} | {varlen / block:>19.2f} | {block / padded:>19.2f} | {disturbed:>6.0%} |")
-    print(f"\nothers: the most CPU other processes took during the row's three runs (a run is repeated, up to "
+          f"padded: {PADDED_SAMPLES} samples a step; packed: 2 rows of <= 1024 tokens a step at 1024, 1 row at 4096, "
+          "attention within each sample (varlen)\n")
+    print(f"| {'model':<54} | {'length':>6} | {'padded':>7} | {'packed':>7} | {'packed / padded':>15} | {'others':>6} |")
+    print(f"|{'-' * 56}|{'-' * 7}:|{'-' * 8}:|{'-' * 8}:|{'-' * 16}:|{'-' * 7}:|")
+    for label, sequence_length, padded, varlen, disturbed in results:
+        print(f"| {label:<54} | {sequence_length:>6} | {padded:>7,.0f} | {varlen:>7,.0f} | {varlen / padded:>15.2f} | "
+              f"{disturbed:>6.0%} |")
+    print(f"\nothers: the most CPU other processes took during the row's runs (a run is repeated, up to "
           f"{RUN_ATTEMPTS} times, while others take more than {OTHERS_LIMIT:.0%})")
 
 
 def family_comparison(steps: int, lengths: list[int]) -> None:
     """scripts/train.py with the defaults (attn auto) on MoE and hybrid shapes: padded (8 samples a step) vs
     packed rows (2 rows of 1024 a step), in one run. Packed rows run the router loss per sample and, for
-    Qwen3-Next, the Gated DeltaNet layers once per sample (sft/hybrid.py)."""
+    Qwen3-Next, the Gated DeltaNet layers once per sample (sft/train/hybrid.py)."""
     work = tempfile.mkdtemp(prefix="bench_train_families_")
     tokenizer = small_vocab_tokenizer(os.path.join(work, "tokenizer-8k"))
     load_before = os.getloadavg()[0]
@@ -358,9 +359,15 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096], help="--packing: sequence lengths")
     parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=sorted(SHAPES),
                         help="--packing: model shapes")
+    parser.add_argument("--smoke", action="store_true",
+                        help="4 steps of batch 1; --packing: the tiny model at length 256; --families: length 256 "
+                             "(seconds to a minute; the tests run it)")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.batch, args.models = 4, 1, ["tiny"]
+        args.lengths = [256]
     if args.families:
-        family_comparison(args.steps, args.lengths if args.lengths != [1024, 4096] else [1024])
+        family_comparison(args.steps, args.lengths if args.lengths != [1024, 4096] or args.smoke else [1024])
         return
     if args.packing:
         packing_comparison(args.steps, args.lengths, args.models)

@@ -14,7 +14,7 @@ from typing import Optional
 
 from sft.cli import run_script
 from sft.config import SFTConfig
-from sft.dataset import build_encoded, format_report
+from sft.data.build import build_encoded, format_report
 
 
 @dataclass

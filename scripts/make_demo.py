@@ -12,7 +12,7 @@ import json
 import os
 import random
 
-from sft.local_tokenizer import CHATML_JINJA, save_byte_tokenizer
+from sft.data.local_tokenizer import CHATML_JINJA, save_byte_tokenizer
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo")
 ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \

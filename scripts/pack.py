@@ -18,8 +18,8 @@ from typing import Optional
 
 from sft.cli import run_script
 from sft.config import SFTConfig
-from sft.dataset import META_FILE, build_encoded, read_meta
-from sft.packing import build_packed, format_packing_report
+from sft.data.build import META_FILE, build_encoded, read_meta
+from sft.data.packing import build_packed, format_packing_report
 from sft.runlock import remove_stale_staging, staging_path
 
 

@@ -7,8 +7,8 @@
 The run config decides the strategy; the launcher decides how many processes. Raw files are encoded once on
 the main process (cached under output_dir), or sft_train.data_args.encoded_path names a folder from encode.py
 or pack.py. A resume is checked against the checkpoint's run state. SIGTERM/SIGINT finish the step, save a
-checkpoint and exit 0. A step: StepBatch (sft/loader.py) -> SFTWorker.train_step (sft/worker.py, through the
-strategy) -> StepResult -> RunState counters and MetricsWindow (sft/metrics.py) -> log, validation, checkpoint.
+checkpoint and exit 0. A step: StepBatch (sft/train/loader.py) -> SFTWorker.train_step (sft/train/worker.py, through the
+strategy) -> StepResult -> RunState counters and MetricsWindow (sft/train/metrics.py) -> log, validation, checkpoint.
 """
 
 from __future__ import annotations
@@ -25,21 +25,21 @@ from contextlib import contextmanager
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from sft import checkpoint as ckpt
+from sft.train import checkpoint as ckpt
 from sft.cli import run_script
 from sft.config import SFTConfig
 from sft.errors import UserError
-from sft.dataset import build_encoded, check_encoded_folder, format_report, load_tokenizer, tokenizer_fingerprint
-from sft.loader import StepDataset, step_loader
-from sft.lora import describe as describe_adapter
-from sft.metrics import MFU, MetricsWindow, RunLog, RunTotals, device_peak_flops, step_line
+from sft.data.build import build_encoded, check_encoded_folder, format_report, load_tokenizer, tokenizer_fingerprint
+from sft.train.loader import StepDataset, step_loader
+from sft.train.lora import describe as describe_adapter
+from sft.train.metrics import MFU, MetricsWindow, RunLog, RunTotals, device_peak_flops, step_line
 from sft.runlock import RunLock, check_writable, remove_stale_staging
-from sft.runstate import DataIdentity, RunState, check_resume, packing_of
-from sft.sampler import Layout, eval_shard
-from sft.schedule import Schedule
-from sft.strategies import build_accelerator, finish, leave_after_finish, make_strategy
-from sft.templates import get_template
-from sft.worker import SFTWorker
+from sft.train.runstate import DataIdentity, RunState, check_resume, packing_of
+from sft.train.sampler import Layout, eval_shard
+from sft.train.schedule import Schedule
+from sft.train.strategies import build_accelerator, finish, leave_after_finish, make_strategy
+from sft.data.templates import get_template
+from sft.train.worker import SFTWorker
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # finish the step, save, exit 0
 
@@ -64,7 +64,7 @@ def load_data(config: SFTConfig, accelerator, tokenizer):
     val_path = os.path.join(folder, "validation")
     validation = load_from_disk(val_path) if os.path.isdir(val_path) else None
     if config.sft_train.use_sequence_packing and "position_ids" not in train.column_names:
-        from sft.packing import build_packed, format_packing_report
+        from sft.data.packing import build_packed, format_packing_report
 
         # Deterministic, so every process packs the same rows; validation stays unpacked (each sample once).
         train, report = build_packed(train, config.sequence_length, data_args.packing_strategy)
@@ -244,6 +244,6 @@ if __name__ == "__main__":
     try:
         run_script(main)
     except SystemExit as stop:
-        leave_after_finish(stop.code)  # returns only when no process group was taken down
+        leave_after_finish(stop.code)  # returns when no process group is up
         raise
     leave_after_finish()

@@ -33,8 +33,8 @@ import shutil
 from dataclasses import dataclass
 from typing import Optional
 
-from sft import checkpoint as ckpt
-from sft.specs import looks_like_hub_id
+from sft.train import checkpoint as ckpt
+from sft.config.specs import looks_like_hub_id
 from sft.errors import UserError
 
 MODEL_CONFIG = "config.json"
@@ -114,7 +114,7 @@ class ModelSource:
 
     folder: str
     base: Optional[str]  # the base model of a LoRA adapter; None for a whole model
-    template: str        # a name for sft.templates.get_template
+    template: str        # a name for sft.data.templates.get_template
 
     @property
     def adapter(self) -> bool:
@@ -154,14 +154,14 @@ def model_source(folder: str, base: Optional[str] = None) -> ModelSource:
 # ----- loading ----------------------------------------------------------------------------------------
 
 def load_tokenizer(source: ModelSource):
-    from sft.dataset import load_tokenizer as load_fast_tokenizer
+    from sft.data.build import load_tokenizer as load_fast_tokenizer
 
     return load_fast_tokenizer(source.tokenizer_folder())
 
 
 def load_template(source: ModelSource, tokenizer, name: Optional[str] = None):
     """The chat template to prompt with: ``name``, else the one the folder records (native when none)."""
-    from sft.templates import TemplateError, get_template
+    from sft.data.templates import TemplateError, get_template
 
     name = name or source.template
     try:

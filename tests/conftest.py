@@ -24,7 +24,7 @@ def shared_path(*parts: str) -> str:
 
 @pytest.fixture(scope="session")
 def byte_tokenizer_dir(tmp_path_factory):
-    from sft.local_tokenizer import CHATML_JINJA, save_byte_tokenizer
+    from sft.data.local_tokenizer import CHATML_JINJA, save_byte_tokenizer
 
     return save_byte_tokenizer(str(tmp_path_factory.mktemp("byte_tokenizer")), with_bos=True, chat_template=CHATML_JINJA)
 

@@ -1,4 +1,4 @@
-"""An independent check of labels (guarantee 1), built on HF's own chat-template rendering, not on sft.templates.
+"""An independent check of labels (guarantee 1), built on HF's own chat-template rendering, not on sft.data.templates.
 
 For every kept source row the checker works out, from scratch, which samples the encoder must have written and
 what each one must hold, then compares them with the encoded dataset token by token after decoding.
@@ -23,7 +23,7 @@ when at least one trained turn is faithful in it. With train_on_reasoning false,
 A template may not silently drop what a row carries: for every tools list, tool call and reasoning text of a
 kept row, rendering with and without it must differ (else the encoder should have rejected the row by name).
 
-Only the message mapping (``sft.data.conversation_from_row``) is shared with the encoder. The check assumes no
+Only the message mapping (``sft.data.conversation.conversation_from_row``) is shared with the encoder. The check assumes no
 sample was truncated or dropped for length (encode with a large sequence_length).
 """
 
@@ -34,7 +34,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 
-from sft.data import BadSample, FieldMapping, conversation_from_row
+from sft.data.conversation import BadSample, FieldMapping, conversation_from_row
 
 IGNORE_INDEX = -100
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
@@ -63,7 +63,7 @@ def supervised_runs(labels):
     return runs
 
 
-# ----- Reading the input rows, independently of sft.sources --------------------------------------------
+# ----- Reading the input rows, independently of sft.data.sources --------------------------------------------
 
 def read_source_rows(path: str) -> dict[int, dict | None]:
     """1-based row number -> the row as parsed (None for a malformed JSONL line, which cannot have been kept).

@@ -5,12 +5,12 @@ apart is refused by name, before any weight is loaded."""
 import pytest
 import torch
 
-from sft.architectures import Architecture, ArchitectureError
-from sft.attention import watch_packed_rows
-from sft.collate import pad_collate
-from sft.hybrid import separate_samples
-from sft.modeling import attention_implementation, forward_loss
-from sft.moe import Router
+from sft.train.architectures import Architecture, ArchitectureError
+from sft.train.attention import watch_packed_rows
+from sft.data.collate import pad_collate
+from sft.train.hybrid import separate_samples
+from sft.train.modeling import attention_implementation, forward_loss
+from sft.train.moe import Router
 from tests.architectures import FAMILIES, FLOAT32_INSIDE, ROUTER_TOLERANCE, config
 from tests.test_varlen import packed_batch, random_samples
 
@@ -50,7 +50,7 @@ def build(family: str, packed: bool):
 
 
 def step(model, router, batches, targets: int, tokens: int):
-    """The worker's objective over a step's batches (sft/worker.py, one process): summed cross-entropy / targets +
+    """The worker's objective over a step's batches (sft/train/worker.py, one process): summed cross-entropy / targets +
     coefficient x per-sample router loss / tokens; returns the summed loss, the router sum and the gradients."""
     model.zero_grad(set_to_none=True)
     loss = aux = 0.0
@@ -193,7 +193,7 @@ def write_run(folder, family: str) -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sft.local_tokenizer import CHATML_JINJA, save_byte_tokenizer
+    from sft.data.local_tokenizer import CHATML_JINJA, save_byte_tokenizer
 
     model = folder / "model"
     save_byte_tokenizer(str(model), chat_template=CHATML_JINJA)
@@ -222,7 +222,7 @@ def test_train_script_packed_equals_unpacked(train_script, tmp_path, family):
     it off."""
     from datasets import load_from_disk
 
-    from sft.packing import build_packed
+    from sft.data.packing import build_packed
 
     write_run(tmp_path, family)
     padded = train_once(train_script, tmp_path)
@@ -249,7 +249,7 @@ def test_lora_all_linear_on_moe_adapts_experts_and_leaves_the_router_frozen(fami
 
     from transformers import AutoModelForCausalLM
 
-    from sft.lora import adapted_modules, apply_lora
+    from sft.train.lora import adapted_modules, apply_lora
 
     def lora(*targets):
         torch.manual_seed(0)

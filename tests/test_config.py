@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from sft.config import ConfigError, SFTConfig, load_config, parse_device_mapping
+from sft.errors import ConfigError
+from sft.config import SFTConfig, load_config, parse_device_mapping
 from tests.conftest import ROOT
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))

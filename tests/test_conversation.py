@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from sft.data import BadSample, FieldMapping, conversation_from_row
+from sft.data.conversation import BadSample, FieldMapping, conversation_from_row
 
 MULTI = FieldMapping(messages_key="messages")
 CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}}

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from sft.data import FieldMapping
-from sft.encoding import EncodeError, EncodeSettings
-from sft.pipeline import encode_split
-from sft.templates import TemplateError, get_template
+from sft.data.conversation import FieldMapping
+from sft.data.encoding import EncodeError, EncodeSettings
+from sft.data.pipeline import encode_split
+from sft.data.templates import TemplateError, get_template
 from tests.conftest import shared_path
 
 MULTI = FieldMapping(messages_key="messages")

@@ -121,8 +121,9 @@ def test_pack_refuses_samples_longer_than_its_rows_in_one_line(setup):
 
 def test_an_encoded_folder_is_checked_against_the_run(setup):
     """Issue 10 item 7: a folder given as encoded_path must have been encoded the way this run would encode."""
-    from sft.config import ConfigError, load_config
-    from sft.dataset import check_encoded_folder, load_tokenizer
+    from sft.errors import ConfigError
+    from sft.config import load_config
+    from sft.data.build import check_encoded_folder, load_tokenizer
 
     tmp_path, config = setup
     out = tmp_path / "enc"

@@ -49,7 +49,7 @@ def logits_of(model, tokenizer) -> list[torch.Tensor]:
 
 def write_checkpoint(output_dir: str, step: int, save, template: str = "chatml", complete: bool = True) -> str:
     """A checkpoint layout <output_dir>/sft_train/checkpoint-<step>/sft_train/ filled by save(folder)."""
-    from sft import checkpoint as ckpt
+    from sft.train import checkpoint as ckpt
 
     checkpoint = ckpt.checkpoint_dir(output_dir, step)
     folder = ckpt.model_dir(checkpoint, "sft_train")
@@ -80,7 +80,7 @@ def models(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sft.dataset import load_tokenizer
+    from sft.data.build import load_tokenizer
 
     root = tmp_path_factory.mktemp("export_chat")
     tokenizer = load_tokenizer(DEMO_MODEL)
@@ -131,7 +131,7 @@ def merged_export(models):
 def test_merged_export_gives_the_adapters_logits(models, merged_export):
     from transformers import AutoModelForCausalLM
 
-    from sft.checkpoint import saved_template
+    from sft.train.checkpoint import saved_template
 
     out, summary = merged_export
     model = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -235,7 +235,7 @@ def export_chat(merged_export):
     """generate_answer over the merged export, as chat.py builds it."""
     from sft.export import find_model_folder, load_model, load_tokenizer, model_source
     from sft.generation import generate_answer
-    from sft.templates import get_template
+    from sft.data.templates import get_template
 
     source = model_source(find_model_folder(merged_export[0], flag="--model"))
     tokenizer = load_tokenizer(source)
@@ -246,7 +246,7 @@ def export_chat(merged_export):
 
 def test_stop_rule_stops_at_eos_and_the_one_token_end_of_turn(models):
     from sft.generation import stop_rule
-    from sft.templates import get_template
+    from sft.data.templates import get_template
 
     tokenizer = models["tokenizer"]
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -262,7 +262,7 @@ def test_stop_rule_stops_at_eos_and_the_one_token_end_of_turn(models):
 def test_chat_prompt_answers_the_same_from_the_adapter_and_its_export(models, export_chat):
     from sft.export import load_model, model_source
     from sft.generation import conversation, generate_answer
-    from sft.templates import get_template
+    from sft.data.templates import get_template
 
     result = run_script("chat", "--model", os.path.join(models["lora_out"], "sft_train", "checkpoint-7"),
                         "--prompt", PROMPT, "--max_new_tokens", "12")
@@ -328,7 +328,7 @@ def test_model_folder_resolution(models, merged_export, tmp_path):
 
 
 def test_chat_errors_are_one_line(models, tmp_path, capsys):
-    from sft.dataset import load_tokenizer
+    from sft.data.build import load_tokenizer
     from sft.export import ExportError, load_template, model_source
 
     chat_script = load_script("chat")

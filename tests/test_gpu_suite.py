@@ -102,7 +102,7 @@ def test_summary_leaves_out_the_warm_up_third_and_counts_flops_per_step():
 def test_mfu_uses_the_projects_flop_formula_on_the_exact_parameter_count(tmp_path):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from sft.modeling import train_flops_per_token
+    from sft.train.modeling import train_flops_per_token
 
     config = Qwen2Config(vocab_size=300, **{k: v for k, v in suite.SHAPES["tiny"].items()})
     config.save_pretrained(tmp_path)

@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 IMPORT_SCRIPTS = """
 import json, runpy, sys
 sys.path.insert(0, {root!r})
-import sft.cli, sft.config, sft.dataset, sft.packing
+import sft.cli, sft.config, sft.data.build, sft.data.packing
 for script in ("encode.py", "pack.py"):
     runpy.run_path({root!r} + "/scripts/" + script, run_name="imported_by_test")
 print(json.dumps(sorted(name for name in sys.modules if name == "torch" or name.startswith("torch."))))
@@ -44,7 +44,7 @@ def test_encode_and_pack_scripts_import_no_torch():
 
 def test_the_check_sees_torch_when_it_is_imported():
     # The same probe on a module that does import torch must report it, or the test above proves nothing.
-    code = IMPORT_SCRIPTS.format(root=ROOT).replace("import sft.cli,", "import sft.collate, sft.cli,")
+    code = IMPORT_SCRIPTS.format(root=ROOT).replace("import sft.cli,", "import sft.data.collate, sft.cli,")
     assert "torch" in torch_modules_after(code)
 
 

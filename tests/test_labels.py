@@ -2,10 +2,10 @@
 
 import pytest
 
-from sft.data import FieldMapping
-from sft.encoding import EncodeSettings
-from sft.pipeline import encode_split
-from sft.templates import get_template
+from sft.data.conversation import FieldMapping
+from sft.data.encoding import EncodeSettings
+from sft.data.pipeline import encode_split
+from sft.data.templates import get_template
 from tests.conftest import real_tokenizer, shared_path
 from tests.labelcheck import check_encoded
 

@@ -123,7 +123,8 @@ def test_lora_resume_after_sigkill_is_bitwise_exact_and_other_settings_are_refus
     ({"lora_rank": 4, "lora_dropout": 1.5}, "lora_dropout: must be in [0, 1)"),
 ])
 def test_lora_settings_are_checked_when_the_config_is_parsed(tmp_path, fields, message):
-    from sft.config import ConfigError, load_config
+    from sft.errors import ConfigError
+    from sft.config import load_config
 
     path = tmp_path / "run.yaml"
     path.write_text("sft_train:\n  model_args: " + json.dumps(fields) + "\n")
@@ -134,7 +135,7 @@ def test_lora_settings_are_checked_when_the_config_is_parsed(tmp_path, fields, m
 
 def test_lora_targets_are_passed_to_peft_as_given():
     from sft.config import ModelArgs
-    from sft.lora import describe, target_modules
+    from sft.train.lora import describe, target_modules
 
     assert target_modules(ModelArgs(lora_rank=4)) == "all-linear"
     assert target_modules(ModelArgs(lora_rank=4, lora_target=["q_proj", "v_proj"])) == ["q_proj", "v_proj"]
@@ -158,8 +159,9 @@ def test_qlora_without_a_gpu_is_refused_with_one_line(setup, tmp_path):
 def test_a_target_that_names_no_module_is_refused_with_the_models_names(fields, message):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from sft.config import ConfigError, ModelArgs
-    from sft.lora import apply_lora
+    from sft.errors import ConfigError
+    from sft.config import ModelArgs
+    from sft.train.lora import apply_lora
 
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1))

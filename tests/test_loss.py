@@ -1,4 +1,4 @@
-"""The chunked loss (sft/loss.py through sft.modeling.loss_sum) and gradient checkpointing, in float64.
+"""The chunked loss (sft/train/loss.py through sft.train.modeling.loss_sum) and gradient checkpointing, in float64.
 
 Every comparison is of the loss and of every parameter's gradient: chunked against unchunked against full
 logits, through plain, tied, PEFT-wrapped and checkpointed models; and a structural check that no tensor of
@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sft.collate import pad_collate
+from sft.data.collate import pad_collate
 from sft.errors import UserError
-from sft.loss import linear_cross_entropy, returned_loss
-from sft.modeling import full_logits_loss_sum, loss_sum
-from sft.packing import packed_collate, packed_row
+from sft.train.loss import linear_cross_entropy, returned_loss
+from sft.train.modeling import full_logits_loss_sum, loss_sum
+from sft.data.packing import packed_collate, packed_row
 
 VOCAB, HIDDEN = 300, 32
 
@@ -87,12 +87,12 @@ def test_chunked_loss_equals_unchunked_and_full_logits(tied, packed):
 
 @pytest.mark.parametrize("wrapped_head", [False, True], ids=["linear_head", "peft_saved_head"])
 def test_a_plain_linear_head_takes_the_fused_path_and_a_wrapped_one_is_checkpointed(monkeypatch, wrapped_head):
-    import sft.loss
+    import sft.train.loss
 
     calls = {"fused": 0, "checkpointed": 0}
     for name, key in (("linear_cross_entropy", "fused"), ("checkpointed_cross_entropy", "checkpointed")):
-        original = getattr(sft.loss, name)
-        monkeypatch.setattr(sft.loss, name, lambda *a, _f=original, _k=key, **k: calls.__setitem__(_k, calls[_k] + 1)
+        original = getattr(sft.train.loss, name)
+        monkeypatch.setattr(sft.train.loss, name, lambda *a, _f=original, _k=key, **k: calls.__setitem__(_k, calls[_k] + 1)
                             or _f(*a, **k))
     model = peft_model("all-linear", ["lm_head"]) if wrapped_head else tiny_model(tied=True)
     loss_sum(model, batch(packed=False), 4)[0].backward()

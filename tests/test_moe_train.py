@@ -17,7 +17,7 @@ ROWS = [{"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} plus {
 def setup(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sft.local_tokenizer import CHATML_JINJA, save_byte_tokenizer
+    from sft.data.local_tokenizer import CHATML_JINJA, save_byte_tokenizer
 
     root = tmp_path_factory.mktemp("moe")
     model = root / "model"

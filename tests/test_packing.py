@@ -1,4 +1,4 @@
-"""Packing (sft/packing.py): bins, layout, and guarantee 2 (packed == unpacked loss and gradients)."""
+"""Packing (sft/data/packing.py): bins, layout, and guarantee 2 (packed == unpacked loss and gradients)."""
 
 import math
 import random
@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from sft.collate import pad_collate
-from sft.packing import (check_packing_backend, format_packing_report, lower_bound, pack_best_fit_decreasing, pack_bins,
+from sft.data.collate import pad_collate
+from sft.data.packing import (check_packing_backend, format_packing_report, lower_bound, pack_best_fit_decreasing, pack_bins,
                          pack_dataset, pack_greedy, pack_min_slack, packed_collate, packed_row, packing_report)
 
 
@@ -110,12 +110,12 @@ def test_repacking_reaches_the_lower_bound_where_best_fit_leaves_gaps(seed):
 
 
 def test_repacking_is_skipped_when_it_would_touch_too_many_rows(monkeypatch):
-    import sft.packing
+    import sft.data.packing
 
     rng = random.Random(0)
     lengths = [rng.choice(range(40, 200, 3)) for _ in range(2000)]
     assert len(pack_bins(lengths, 1024)) < len(pack_best_fit_decreasing(lengths, 1024))
-    monkeypatch.setattr(sft.packing, "REPACK_MAX_ROWS", 0)
+    monkeypatch.setattr(sft.data.packing, "REPACK_MAX_ROWS", 0)
     assert pack_bins(lengths, 1024) == pack_best_fit_decreasing(lengths, 1024)
 
 
@@ -171,7 +171,7 @@ def tiny_model(attn):
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_packed_loss_and_gradients_equal_unpacked(attn):
-    from sft.modeling import loss_sum
+    from sft.train.modeling import loss_sum
 
     rng = random.Random(0)
     samples = []

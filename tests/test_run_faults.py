@@ -45,7 +45,7 @@ def test_a_second_run_in_the_same_output_dir_is_refused_with_the_holder(setup, t
     log = (out / "logs" / "train.log").read_text()
     assert log.count("summary:") == 1 and "error:" not in log
     # The lock ended with its holder: the next run in the folder resumes it.
-    from sft import checkpoint as ckpt
+    from sft.train import checkpoint as ckpt
 
     saved = ckpt.complete_checkpoints(str(out))[-1][0]
     resumed = train(setup, out, "--resume_from_checkpoint", "true", "--sft_train.training_args.max_steps", str(saved + 1),
@@ -92,7 +92,7 @@ def test_a_save_that_fails_ends_the_run_with_one_error_and_keeps_the_last_good_c
 
     from accelerate.state import AcceleratorState
 
-    from sft import checkpoint as ckpt
+    from sft.train import checkpoint as ckpt
     from sft.config import load_config
 
     saves = []

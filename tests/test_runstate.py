@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from sft.metrics import MetricsWindow, StepResult, _entries_up_to
-from sft.runstate import DataIdentity, ResumeError, RunState, check_resume
-from sft.schedule import Schedule, lr_at
+from sft.train.metrics import MetricsWindow, StepResult, _entries_up_to
+from sft.train.runstate import DataIdentity, ResumeError, RunState, check_resume
+from sft.train.schedule import Schedule, lr_at
 
 IDENTITY = DataIdentity("key-a", "data-a", "tok-a", "chatml", 96, "none")
 SCHEDULE = Schedule("cosine", 1e-3, 2, 8, 0.0)
@@ -128,7 +128,7 @@ def test_a_resumed_metrics_file_keeps_the_steps_up_to_the_checkpoint(tmp_path):
 def test_packing_is_read_from_a_packed_folder_or_the_run(tmp_path):
     from types import SimpleNamespace
 
-    from sft.runstate import packing_of
+    from sft.train.runstate import packing_of
 
     def config(online):
         return SimpleNamespace(sft_train=SimpleNamespace(use_sequence_packing=online,

@@ -6,15 +6,22 @@ import os
 
 import pytest
 
-from sft.data import FieldMapping
+from sft.data.conversation import FieldMapping
 from sft.errors import DataError
-from sft.encoding import EncodeError, EncodeSettings
-from sft.pipeline import encode_split
-from sft.sources import (MappedArrowFiles, check_keys, iter_json_array, iter_jsonl, open_source, parse_spec, read_all,
-                         write_raw_rows)
-from sft.templates import get_template
+from sft.data.encoding import EncodeError, EncodeSettings
+from sft.data.pipeline import encode_split
+from sft.config.specs import parse_spec
+from sft.data.sources import (MappedArrowFiles, SourceRow, check_keys, iter_json_array, iter_jsonl, open_source,
+                              write_raw_rows)
+from sft.data.templates import get_template
 
 MULTI = FieldMapping(messages_key="messages")
+
+
+def read_all(path: str) -> list[SourceRow]:
+    """Every row of one source, in memory (a test oracle: the encode path never reads a whole source)."""
+    with open_source(path) as source:
+        return source.read(0, len(source))
 
 
 @pytest.fixture(autouse=True)
@@ -249,7 +256,7 @@ def test_an_unknown_hub_id_is_a_data_error_naming_it():
 
 def test_the_cache_key_follows_the_content_of_a_parquet_file(tmp_path, byte_tokenizer, byte_tokenizer_dir):
     from sft.config import load_config
-    from sft.dataset import cache_key
+    from sft.data.build import cache_key
 
     parquet = write_parquet(tmp_path / "chat.parquet", [chat("q", "a")])
     config_path = write(tmp_path, "run.yaml", f"pretrain: {byte_tokenizer_dir}\nmessages_key: messages\n"
@@ -265,9 +272,9 @@ def test_the_cache_key_follows_the_content_of_a_parquet_file(tmp_path, byte_toke
 # ----- reading in workers, memory ------------------------------------------------------------------
 
 def test_workers_read_their_own_chunks_and_keep_the_order(tmp_path, byte_tokenizer, monkeypatch):
-    import sft.pipeline
+    import sft.data.pipeline
 
-    monkeypatch.setattr(sft.pipeline, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(sft.data.pipeline, "CHUNK_ROWS", 3)
     rows = [chat(f"question {i}", f"answer {i}") for i in range(20)]
     rows[7]["messages"][1]["content"] = ""  # a rejected row, in a worker
     parquet = write_parquet(tmp_path / "a.parquet", rows[:10])
@@ -290,17 +297,17 @@ def test_workers_end_when_the_caller_records_sigterm_instead_of_dying(tmp_path, 
     import signal
     import time
 
-    import sft.pipeline
+    import sft.data.pipeline
 
-    real = sft.pipeline._encode_chunk
+    real = sft.data.pipeline._encode_chunk
 
     def slow_after_the_first(state, chunk):  # patched before the fork: the workers run it too
         if chunk.start > 0:
             time.sleep(3)
         return real(state, chunk)
 
-    monkeypatch.setattr(sft.pipeline, "CHUNK_ROWS", 3)
-    monkeypatch.setattr(sft.pipeline, "_encode_chunk", slow_after_the_first)
+    monkeypatch.setattr(sft.data.pipeline, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(sft.data.pipeline, "_encode_chunk", slow_after_the_first)
     rows = [chat(f"question {i}", f"answer {i}") for i in range(12)]
     rows[1]["messages"][1]["content"] = ""
     jsonl = write(tmp_path, "a.jsonl", "\n".join(json.dumps(row) for row in rows))
@@ -329,7 +336,7 @@ def test_the_encoded_folder_loads_with_datasets_also_in_several_files(tmp_path):
     import datasets
     import pyarrow as pa
 
-    from sft.pipeline import DatasetFolderWriter, output_features
+    from sft.data.pipeline import DatasetFolderWriter, output_features
 
     writer = DatasetFolderWriter(str(tmp_path / "out"), output_features(), shard_bytes=1)
     schema = output_features().arrow_schema
@@ -343,7 +350,7 @@ def test_the_encoded_folder_loads_with_datasets_also_in_several_files(tmp_path):
 
 
 def test_reading_mapped_rows_gives_the_pages_back(tmp_path):
-    from sft.sources import RawRow
+    from sft.data.sources import RawRow
 
     if not os.path.exists("/proc/self/smaps"):
         pytest.skip("needs Linux /proc")

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from sft.config import ConfigError, load_config
-from sft.strategies import STRATEGIES, DeepSpeedStrategy, FSDP2Strategy, Strategy
+from sft.errors import ConfigError
+from sft.config import load_config
+from sft.train.strategies import STRATEGIES, DeepSpeedStrategy, FSDP2Strategy, Strategy
 from tests.conftest import ROOT
 
 
@@ -21,7 +22,7 @@ def parse(tmp_path, strategy, options=None, *args):
 
 
 def test_the_registry_names_every_strategy_and_each_implements_the_interface():
-    from sft.strategy_options import OPTIONS
+    from sft.config.strategy_options import OPTIONS
 
     assert list(STRATEGIES) == ["ddp_train", "deepspeed_train", "fsdp2_train"] == list(OPTIONS)
     for name, cls in STRATEGIES.items():

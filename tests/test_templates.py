@@ -3,10 +3,10 @@ the one-render path of native templates giving exactly what prefix renders give.
 
 import pytest
 
-from sft.data import Conversation, FieldMapping
-from sft.encoding import EncodeSettings
-from sft.pipeline import encode_split
-from sft.templates import TemplateRefused, get_template
+from sft.data.conversation import Conversation, FieldMapping
+from sft.data.encoding import EncodeSettings
+from sft.data.pipeline import encode_split
+from sft.data.templates import TemplateRefused, get_template
 from tests.conftest import real_tokenizer, shared_path
 
 CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
@@ -100,3 +100,11 @@ def test_one_render_path_equals_prefix_renders_on_real_data(tokenizer_name, data
     slow = encode_split([path], get_template("native", tokenizer, fast=False), tokenizer, settings)
     assert fast.report == slow.report
     assert fast.dataset["input_ids"] == slow.dataset["input_ids"] and fast.dataset["labels"] == slow.dataset["labels"]
+
+
+def test_the_config_names_every_template_and_no_other():
+    """One list of template names: the config's choices are exactly native plus the named templates' table."""
+    from sft.config.sections import TEMPLATES
+    from sft.data.templates.named import NAMED
+
+    assert sorted(TEMPLATES) == sorted(["native", *NAMED])

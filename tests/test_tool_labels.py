@@ -23,10 +23,10 @@ import re
 
 import pytest
 
-from sft.data import FieldMapping, conversation_from_row
-from sft.encoding import EncodeError, EncodeSettings
-from sft.pipeline import encode_split
-from sft.templates import get_template
+from sft.data.conversation import FieldMapping, conversation_from_row
+from sft.data.encoding import EncodeError, EncodeSettings
+from sft.data.pipeline import encode_split
+from sft.data.templates import get_template
 from tests.conftest import real_tokenizer, shared_path
 from tests.labelcheck import check_encoded, read_source_rows
 

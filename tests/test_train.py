@@ -26,7 +26,7 @@ ROWS = [{"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} plus {
 def setup(tmp_path_factory):
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from sft.local_tokenizer import CHATML_JINJA, save_byte_tokenizer
+    from sft.data.local_tokenizer import CHATML_JINJA, save_byte_tokenizer
 
     root = tmp_path_factory.mktemp("train")
     model = str(root / "model")
@@ -212,7 +212,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_and_resume_works(se
     else:
         pytest.fail("never caught the run in the middle of a save")
     step = int(caught.name.rsplit("-", 1)[1])
-    from sft import checkpoint as ckpt
+    from sft.train import checkpoint as ckpt
 
     assert ckpt.latest_checkpoint(str(out)) == ckpt.checkpoint_dir(str(out), step - 1)
     resumed = train(setup, out, *steps, "--resume_from_checkpoint", "true")
@@ -253,8 +253,8 @@ import json, sys, torch
 sys.path.insert(0, {root!r})
 from datasets import load_from_disk
 from transformers import AutoModelForCausalLM
-from sft.collate import pad_collate
-from sft.modeling import loss_sum
+from sft.data.collate import pad_collate
+from sft.train.modeling import loss_sum
 {load}
 data = load_from_disk({data!r})
 total = count = 0
@@ -353,7 +353,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(setup, tmp_path):
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output[-3000:]
     assert "received SIGTERM" in output
-    from sft import checkpoint as ckpt
+    from sft.train import checkpoint as ckpt
 
     saved = ckpt.complete_checkpoints(str(out))
     assert len(saved) == 1 and saved[0][0] >= 3
@@ -467,7 +467,7 @@ def test_resume_is_checked_against_the_run_state(setup, tmp_path):
                      "--resume_accept_changes", "data")
     output = accepted.stdout + accepted.stderr
     assert "note: accepted a changed data" in output and "note: total steps 2 -> 4" in output
-    from sft.schedule import lr_at
+    from sft.train.schedule import lr_at
 
     assert dict(logged(out, "train/lr"))[3] == pytest.approx(lr_at(2, 4, 1e-3, 2, "cosine", 0.0))
     assert [step for step, _ in logged(out, "train/loss")] == [1, 2, 3, 4]

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from sft import checkpoint as ckpt
-from sft.config import ConfigError
-from sft.collate import pad_collate, supervised_count
-from sft.sampler import Layout, epoch_order, eval_shard, step_micro_batches, steps_per_epoch
-from sft.schedule import lr_at, warmup_steps_for
+from sft.train import checkpoint as ckpt
+from sft.errors import ConfigError
+from sft.data.collate import pad_collate, supervised_count
+from sft.train.sampler import Layout, epoch_order, eval_shard, step_micro_batches, steps_per_epoch
+from sft.train.schedule import lr_at, warmup_steps_for
 
 
 def test_schedule_warmup_then_decay():
@@ -193,7 +193,7 @@ def tiny_model(vocab=64):
 
 
 def test_loss_at_supervised_positions_equals_the_full_logits_loss():
-    from sft.modeling import full_logits_loss_sum, loss_sum
+    from sft.train.modeling import full_logits_loss_sum, loss_sum
 
     model = tiny_model()
     rng = np.random.default_rng(0)
@@ -232,7 +232,7 @@ def test_a_step_is_the_same_whatever_builds_it(packed):
     """The loader's steps are a pure function of the step: inline or in worker processes, from any first step."""
     import datasets
 
-    from sft.loader import StepDataset, step_loader
+    from sft.train.loader import StepDataset, step_loader
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(3, 12, 24)

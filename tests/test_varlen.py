@@ -1,4 +1,4 @@
-"""Per-sample attention (sft/attention.py, attn_implementation "varlen"): guarantee 2 through real transformers
+"""Per-sample attention (sft/train/attention.py, attn_implementation "varlen"): guarantee 2 through real transformers
 models, the exact sdpa fallback for unpacked batches, and what it refuses."""
 
 import random
@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sft.attention as attention
-from sft.collate import pad_collate
-from sft.modeling import loss_sum
-from sft.packing import PackingError, check_packing_backend, pack_bins, packed_collate, packed_row
+import sft.train.attention as attention
+from sft.data.collate import pad_collate
+from sft.train.modeling import loss_sum
+from sft.data.packing import PackingError, check_packing_backend, pack_bins, packed_collate, packed_row
 
 
 def build_model(family: str, attn: str, **overrides):

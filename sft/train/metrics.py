@@ -45,7 +45,7 @@ class StepResult:
     forward_backward_seconds: float
     optimizer_seconds: float
     aux_sum: float = 0.0
-    """MoE: sum over samples of tokens x router balance loss (sft/moe.py); train/aux_loss = aux_sum / router_tokens."""
+    """MoE: sum over samples of tokens x router balance loss (sft/train/moe.py); train/aux_loss = aux_sum / router_tokens."""
     router_tokens: int = 0
     expert_counts: Optional[object] = None
     """MoE: (layers, experts) tensor of top-k choices over the step's tokens; None without a router."""
@@ -72,7 +72,7 @@ class MFU:
     devices: int
 
     def of(self, tokens_per_second: float, mean_sample_length: float, target_fraction: float) -> float:
-        from sft.modeling import train_flops_per_token
+        from sft.train.modeling import train_flops_per_token
 
         flops = train_flops_per_token(self.model_config, self.parameters, mean_sample_length, target_fraction)
         return flops * tokens_per_second / (self.peak_flops_per_device * self.devices)
@@ -126,7 +126,7 @@ class MetricsWindow:
         if self.router_tokens:
             values["train/aux_loss"] = self.aux_sum / self.router_tokens
         if self.expert_counts is not None:
-            from sft.moe import expert_load
+            from sft.train.moe import expert_load
 
             values.update(expert_load(self.expert_counts))
         if mfu is not None:

@@ -1,7 +1,7 @@
 """Encoding a whole split: sources -> chunks encoded by worker processes -> Arrow files on disk and a report.
 
 Memory does not grow with the data (guarantee 9). Each worker reads its own chunk of rows from the
-source (inherited through fork, memory-mapped; see sft.sources), encodes it and sends back an Arrow
+source (inherited through fork, memory-mapped; see sft.data.sources), encodes it and sends back an Arrow
 table; the main process appends the tables, in input order, to Arrow stream files in the
 ``save_to_disk`` layout and the rejected rows to a JSONL file, keeping only the sample lengths (4 bytes
 a sample) for the report. At most ``2 x workers`` chunks are in flight, so a slow disk cannot let
@@ -28,9 +28,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from sft.encoding import EncodeCounts, EncodeSettings, encode_rows
-from sft.sources import RowSource, check_keys, open_source, reset_stop_signals
-from sft.templates import ChatTemplate
+from sft.data.encoding import EncodeCounts, EncodeSettings, encode_rows
+from sft.data.sources import RowSource, check_keys, open_source, reset_stop_signals
+from sft.data.templates import ChatTemplate
 
 CHUNK_ROWS = 2048  # rows per unit of work handed to a worker; small enough for a smooth progress bar
 BATCH_ROWS = 512  # rows per batched tokenizer call

@@ -1,6 +1,6 @@
 """The micro-batches of each optimizer step, built off the training loop by DataLoader workers.
 
-What a step trains on is a pure function of the step (sft/sampler.py: the order from (seed, epoch), the
+What a step trains on is a pure function of the step (sft/train/sampler.py: the order from (seed, epoch), the
 slice of each process and micro-batch), so the loader has no state: a resumed run starts it at its step,
 and ``dataloader_num_workers`` changes only speed. With 0 workers the training process builds each step's
 batches when it needs them; with W > 0, W worker processes build the next steps (``prefetch_factor`` each)
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sft.collate import pad_collate, supervised_count
-from sft.packing import packed_collate
-from sft.sampler import Layout, epoch_order, step_micro_batches
+from sft.data.collate import pad_collate, supervised_count
+from sft.data.packing import packed_collate
+from sft.train.sampler import Layout, epoch_order, step_micro_batches
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Model loading and the token-summed loss. No processes here: devices and wrapping belong to sft/worker.py.
+"""Model loading and the token-summed loss. No processes here: devices and wrapping belong to sft/train/worker.py.
 
 The loss is computed at supervised positions only: the hidden states of positions whose next token is a
 target go through the output layer, nothing else (``logits_to_keep`` with a boolean mask, which hands the
@@ -9,7 +9,7 @@ full logits.
 
 Even so, 16k targets x 151k vocabulary are 10 GB of float32 logits. With ``chunk_size`` (the config's
 ``loss_chunk_size``) and more targets than that, the output layer returns the summed loss itself, computed
-chunk_size targets at a time in forward and in backward (sft/loss.py), so at most chunk_size x vocabulary
+chunk_size targets at a time in forward and in backward (sft/train/loss.py), so at most chunk_size x vocabulary
 logits exist at once. It does so inside its own forward, inside the model's forward, so DDP, DeepSpeed
 ZeRO-3, FSDP2 and PEFT wrappers see the same calls as without chunks; the sum is the same to rounding.
 """
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from sft.errors import IGNORE_INDEX
-from sft.loss import head_returns_loss, output_layer, returned_loss, upcast
-from sft.moe import Router, RouterTerms, router_terms, sample_spans
+from sft.train.loss import head_returns_loss, output_layer, returned_loss, upcast
+from sft.train.moe import Router, RouterTerms, router_terms, sample_spans
 
 # Batch keys that are not the model's inputs: the targets, and the real tokens of each packed row.
 NOT_MODEL_INPUTS = ("labels", "row_tokens")
@@ -33,10 +33,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def attention_implementation(chosen: str) -> str:
-    """Register sft/attention.py's per-sample attention with transformers when ``chosen`` (from
-    sft.architectures.Architecture.attention) is one of its names; returns ``chosen``."""
+    """Register sft/train/attention.py's per-sample attention with transformers when ``chosen`` (from
+    sft.train.architectures.Architecture.attention) is one of its names; returns ``chosen``."""
     if chosen in ("varlen", "varlen_eager"):
-        from sft.attention import register
+        from sft.train.attention import register
 
         register()
     return chosen
@@ -65,7 +65,7 @@ def load_model(pretrain: str, dtype: str, attn: str, from_scratch: bool = False,
         torch.manual_seed(seed)  # initialisation depends on the seed only, identically on every rank
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch_dtype)
     else:
-        if quantization is not None:  # QLoRA: the frozen base in 4 bits, computing in bf16 (a GPU; sft/lora.py)
+        if quantization is not None:  # QLoRA: the frozen base in 4 bits, computing in bf16 (a GPU; sft/train/lora.py)
             torch_dtype = torch.bfloat16
         model = AutoModelForCausalLM.from_pretrained(pretrain, attn_implementation=attn, dtype=torch_dtype,
                                                      quantization_config=quantization)
@@ -83,7 +83,7 @@ def target_mask(labels: torch.Tensor) -> torch.Tensor:
 @dataclass
 class ForwardLoss:
     """One forward's summed cross-entropy over its target tokens, their count, and the router loss terms of an
-    MoE model (sft/moe.py; None without a router)."""
+    MoE model (sft/train/moe.py; None without a router)."""
 
     loss_sum: torch.Tensor
     targets: int

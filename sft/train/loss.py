@@ -1,4 +1,4 @@
-"""The output layer and cross-entropy, chunk by chunk over target positions (used by sft.modeling.loss_sum).
+"""The output layer and cross-entropy, chunk by chunk over target positions (used by sft.train.modeling.loss_sum).
 
 For one forward call of the (possibly wrapped) model, ``head_returns_loss`` gives the output layer an
 instance-level ``forward`` that takes the targets-only hidden states and returns their summed loss; the

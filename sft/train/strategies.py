@@ -1,6 +1,6 @@
 """Distribution strategies: one class per ``strategy_name``, behind one interface, registered in STRATEGIES.
 
-The worker (sft/worker.py) calls only the ``Strategy`` interface; nothing outside this module branches on
+The worker (sft/train/worker.py) calls only the ``Strategy`` interface; nothing outside this module branches on
 the strategy. A strategy decides:
 
     what                           ddp_train           deepspeed_train                 fsdp2_train
@@ -16,7 +16,7 @@ Adding a strategy is one subclass, one line in STRATEGIES and its entry in strat
 transform (LoRA) wraps the model before ``prepare`` and is exported by ``full_state_dict``; the optimizer takes only trainable parameters.
 
 What each strategy accepts in strategy_config (and whether it can drop a step) is the table in
-sft/strategy_options.py, which the config checks itself with; this module imports no torch at the top.
+sft/config/strategy_options.py, which the config checks itself with; this module imports no torch at the top.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ import os
 import socket
 from typing import Any, Callable, ClassVar
 
-from sft import checkpoint as ckpt
+from sft.train import checkpoint as ckpt
 from sft.config import SFTConfig
 from sft.errors import ConfigError
-from sft.strategy_options import OPTIONS, SKIPS_A_STEP
+from sft.config.strategy_options import OPTIONS, SKIPS_A_STEP
 
 
 class Strategy:
@@ -126,7 +126,7 @@ class DDPStrategy(Strategy):
             raise ConfigError(f"cluster_name: checkpoint {checkpoint} keeps its model in {found} but this run's "
                               f"cluster_name is {self.config.cluster_name!r}; resume with the run's own cluster_name")
         if ckpt.is_adapter(folder):  # LoRA: the base comes from pretrain; the adapter from the checkpoint
-            from sft.lora import load_adapter_weights
+            from sft.train.lora import load_adapter_weights
 
             load_adapter_weights(self.accelerator.unwrap_model(models.pop()), folder, self._load_device())
             return
@@ -357,35 +357,34 @@ def build_accelerator(config: SFTConfig, strategy: Strategy):
     return accelerator
 
 
-_GROUP_TAKEN_DOWN = False
-
-
 def finish(accelerator) -> None:
-    """End the run's trackers and take the process group down. That alone does not stop gloo's worker threads
-    (pt_gloo_runloop): they live as long as the ProcessGroup objects, and DeepSpeed keeps those (every ZeRO-3
-    parameter's ds_process_group, deepspeed.utils.groups, the engine). A worker that drops the last C++ reference
-    of a finished collective's tensor takes the GIL to free its Python object; once interpreter shutdown has begun,
-    Python ends such a thread with pthread_exit, whose unwinding through a noexcept destructor
-    (AsyncAllgatherWork) calls std::terminate: "terminate called without an active exception", SIGABRT. So a
-    process that took a group down ends with ``leave_after_finish`` (os._exit, no interpreter shutdown)."""
-    global _GROUP_TAKEN_DOWN
+    """End the run's trackers and meet the other processes. With several processes the process group stays up and
+    the script ends with ``leave_after_finish``; a lone process takes its group (if any) down, so that a caller
+    running training in its own process can start another run."""
     import torch.distributed as dist
 
     accelerator.end_training()
     if dist.is_available() and dist.is_initialized():
         accelerator.wait_for_everyone()
-        dist.destroy_process_group()
-        _GROUP_TAKEN_DOWN = True
+        if accelerator.num_processes == 1:
+            dist.destroy_process_group()
 
 
 def leave_after_finish(code=0) -> None:
-    """End the process with exit status ``code`` (as ``sys.exit`` reads it) without interpreter shutdown if
-    ``finish`` took a process group down (see there); return otherwise. Trackers were ended by ``finish``."""
-    if not _GROUP_TAKEN_DOWN:
-        return
+    """End a script's process with exit status ``code`` (as ``sys.exit`` reads it) and no interpreter shutdown while
+    a process group is up; return otherwise. Why: gloo's worker threads (pt_gloo_runloop) live as long as the
+    ProcessGroup objects, which outlive destroy_process_group (DDP's reducer, FSDP's mesh and DeepSpeed hold them:
+    every ZeRO-3 parameter's ds_process_group, deepspeed.utils.groups, the engine). Destroyed with work in flight,
+    or freeing a tensor during interpreter shutdown (Python ends such a thread with pthread_exit, which unwinds
+    through a noexcept destructor), they call std::terminate: "terminate called without an active exception",
+    SIGABRT, exit -6 after a finished and saved run. Trackers were ended and logs flushed by ``finish``."""
     import logging
     import sys
 
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
     if isinstance(code, str):  # sys.exit("message") prints it and exits 1
         print(code, file=sys.stderr)
         code = 1

@@ -1,6 +1,6 @@
 """Building the encoded dataset on disk, with a content-keyed cache. Used by scripts/encode.py and train.py.
 
-Layout of an encoded folder (``datasets.save_to_disk``'s layout per split, written by sft.pipeline)::
+Layout of an encoded folder (``datasets.save_to_disk``'s layout per split, written by sft.data.pipeline)::
 
     DIR/train/            input_ids, labels, length, source
     DIR/validation/       (when validation.data_args.file_name is set)
@@ -21,13 +21,13 @@ import shutil
 from typing import Optional
 
 from sft.config import SFTConfig
-from sft.data import FieldMapping
+from sft.data.conversation import FieldMapping
 from sft.errors import ConfigError, DataError
-from sft.encoding import EncodeSettings
-from sft.pipeline import encode_split
+from sft.data.encoding import EncodeSettings
+from sft.data.pipeline import encode_split
 from sft.runlock import remove_stale_staging, staging_path
-from sft.sources import source_fingerprint
-from sft.templates import get_template
+from sft.data.sources import source_fingerprint
+from sft.data.templates import get_template
 
 # Bump when the encoder's output for the same inputs changes, so old caches are not reused.
 ENCODER_VERSION = 2  # 2: tools, tool calls, reasoning, generation-faithful splits
@@ -76,7 +76,7 @@ def encode_settings(config: SFTConfig) -> EncodeSettings:
 
 
 def splits(config: SFTConfig) -> dict[str, list[str]]:
-    """Split name -> its source specs (files, dataset folders, Hub ids; see sft.sources)."""
+    """Split name -> its source specs (files, dataset folders, Hub ids; see sft.data.sources)."""
     result = {"train": list(config.sft_train.data_args.file_name)}
     if config.validation.data_args.file_name:
         result["validation"] = list(config.validation.data_args.file_name)

@@ -1,6 +1,6 @@
 """What a ``file_name`` entry is, told from the string and the file system without loading anything:
 a .json/.jsonl/.parquet file, a dataset folder (``save_to_disk`` or data files) or a Hub dataset id, with
-``?config=`` and ``?split=``. The config checks its fields with it; sft.sources opens what it describes.
+``?config=`` and ``?split=``. The config checks its fields with it; sft.data.sources opens what it describes.
 """
 
 from __future__ import annotations

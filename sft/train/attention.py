@@ -1,6 +1,6 @@
 """Per-sample ("varlen") attention for packed rows: ``attn_implementation: varlen``.
 
-A packed row holds whole samples whose position_ids restart at 0 (sft/packing.py). With sdpa or eager,
+A packed row holds whole samples whose position_ids restart at 0 (sft/data/packing.py). With sdpa or eager,
 transformers turns the restarts into a block-diagonal mask over the whole row, so every layer scores and masks
 row_length^2 pairs. Here each sample attends only to itself: the cost is the sum of the samples' squared
 lengths, and no mask is built at all::
@@ -115,7 +115,7 @@ def _cached_segments(position_ids: torch.Tensor, batch_size: int, row_length: in
 
 
 # The samples of the packed forward in progress, read by the model's pre-hook (watch_packed_rows): for models whose
-# attention layers do not get position_ids (Granite 4) and for the per-sample mixers of sft/hybrid.py.
+# attention layers do not get position_ids (Granite 4) and for the per-sample mixers of sft/train/hybrid.py.
 _forward: Segments | None = None
 CACHE_KEYS = ("cache", "past_key_values", "cache_params", "past_key_value")
 

@@ -5,7 +5,7 @@ Nemotron-H) carry a state along the sequence: a causal convolution over the last
 recurrent ones, a running state. Over a packed row that state would run from one sample into the next::
 
     row        a1 a2 a3 b1 b2 <pad>     position_ids 0 1 2 0 1 0
-    attention  per sample (sft/attention.py)
+    attention  per sample (sft/train/attention.py)
     mixer      a1 a2 a3 | b1 b2 | <pad>  one call per sample, each from a zero state, outputs laid back in place
 
 ``separate_samples`` finds the mixers (a module that owns a ``torch.nn.Conv1d``: every such layer in
@@ -27,8 +27,8 @@ from typing import Callable
 
 import torch
 
-from sft.architectures import ArchitectureError
-from sft.attention import CACHE_KEYS, forward_segments
+from sft.train.architectures import ArchitectureError
+from sft.train.attention import CACHE_KEYS, forward_segments
 
 _SEQUENCE_MIXER_NAME = re.compile(r"Mamba|DeltaNet|LinearAttention|Lightning|Recurrent|RWKV|Rwkv|SSM|Ssm|ShortConv")
 
@@ -37,7 +37,7 @@ def separate_samples(model: torch.nn.Module, expect_stateful: bool) -> list[str]
     """Make every sequence mixer of ``model`` run per sample on packed rows; returns their module names. The model
     must have sft/attention.watch_packed_rows' hook.
 
-    ``expect_stateful`` (the config names recurrent or convolution layers, sft/architectures.py) with no mixer
+    ``expect_stateful`` (the config names recurrent or convolution layers, sft/train/architectures.py) with no mixer
     found, or a mixer-named module without a convolution, is refused: packed samples would share its state."""
     wrapped, unknown = [], []
     for name, module in model.named_modules():

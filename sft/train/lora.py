@@ -1,4 +1,5 @@
-"""LoRA adapters (and QLoRA's 4-bit base) through PEFT: the config checks, wrapping, and adapter weights.
+"""LoRA adapters (and QLoRA's 4-bit base) through PEFT: wrapping and adapter weights (the LoRA
+fields are checked with their config section, sft/config/sections.py).
 
 A LoRA run wraps the loaded model with ``peft.get_peft_model`` before the strategy prepares it, so every
 strategy (DDP, DeepSpeed ZeRO-2/3, FSDP2) sees one module whose only trainable parameters are the adapters
@@ -8,8 +9,6 @@ only, so it holds no state for the frozen base.
 A checkpoint's ``<cluster_name>/`` then holds the adapter as PEFT writes it (``adapter_config.json``,
 ``adapter_model.safetensors``), cut from the strategy's *full* state dict: under ZeRO-3 that dict is gathered
 across processes first, so the adapter is never the empty partition a process holds alone.
-
-The checks here run when the config is parsed and import no torch.
 """
 
 from __future__ import annotations
@@ -17,40 +16,14 @@ from __future__ import annotations
 import os
 import re
 
+from sft.config.sections import REGEX_CHARS
 from sft.errors import ConfigError
 
 ALL_LINEAR = "all-linear"
-_REGEX_CHARS = re.compile(r"[\\^$.*+?()\[\]{}|]")
 
 
 def lora_enabled(model_args) -> bool:
     return model_args.lora_rank > 0
-
-
-def check_lora_args(model_args) -> None:
-    """Refuse LoRA settings that cannot work, naming the field (called by SFTConfig)."""
-    field = "sft_train.model_args"
-    if model_args.lora_rank < 0:
-        raise ConfigError(f"{field}.lora_rank: must not be negative (0 trains all weights), got {model_args.lora_rank}")
-    if model_args.quantization_bit not in (0, 4):
-        raise ConfigError(f"{field}.quantization_bit: 4 (QLoRA, NF4) or 0 (off), got {model_args.quantization_bit}")
-    if not lora_enabled(model_args):
-        if model_args.quantization_bit:
-            raise ConfigError(f"{field}.quantization_bit: a 4-bit base cannot be trained in full; set lora_rank "
-                              "(e.g. 16) to train adapters on it")
-        return
-    if model_args.lora_alpha is not None and model_args.lora_alpha <= 0:
-        raise ConfigError(f"{field}.lora_alpha: must be positive, got {model_args.lora_alpha}")
-    if not 0 <= model_args.lora_dropout < 1:
-        raise ConfigError(f"{field}.lora_dropout: must be in [0, 1), got {model_args.lora_dropout}")
-    if not model_args.lora_target:
-        raise ConfigError(f"{field}.lora_target: empty; give all-linear, module names or a regex")
-    if len(model_args.lora_target) > 1 and any(_REGEX_CHARS.search(name) for name in model_args.lora_target):
-        raise ConfigError(f"{field}.lora_target: a regex must be given alone, got {model_args.lora_target}")
-    if model_args.from_scratch:
-        raise ConfigError(f"{field}.from_scratch: adapters train on top of loaded weights; a randomly initialised "
-                          "base cannot be reloaded with them. Set from_scratch: false (pretrain: the model folder), "
-                          "or lora_rank: 0 to train all weights")
 
 
 def describe(model_args) -> str:
@@ -72,7 +45,7 @@ def target_modules(model_args):
     targets = list(model_args.lora_target)
     if targets == [ALL_LINEAR]:
         return ALL_LINEAR
-    if len(targets) == 1 and _REGEX_CHARS.search(targets[0]):
+    if len(targets) == 1 and REGEX_CHARS.search(targets[0]):
         return targets[0]
     return targets
 
@@ -156,7 +129,7 @@ def load_adapter_weights(model, folder: str, device) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from sft.checkpoint import CheckpointError
+    from sft.train.checkpoint import CheckpointError
 
     path = os.path.join(folder, "adapter_model.safetensors")
     if not os.path.isfile(path):
@@ -181,7 +154,7 @@ def check_saved(model_folder: str) -> None:
         return
     from safetensors import safe_open
 
-    from sft.checkpoint import CheckpointError
+    from sft.train.checkpoint import CheckpointError
 
     with safe_open(path, framework="pt") as handle:
         names = list(handle.keys())

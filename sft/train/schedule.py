@@ -17,7 +17,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-SCHEDULES = ("linear", "cosine", "constant")
+from sft.config.sections import SCHEDULES
 
 
 def warmup_steps_for(total_steps: int, warmup_steps: int, warmup_ratio: float) -> int:

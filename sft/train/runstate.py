@@ -2,7 +2,7 @@
 
 Every checkpoint holds ``run_state.json`` (a ``RunState``): position and counters (step, samples, tokens,
 epoch), layout (global batch, processes, batch, accumulation, strategy), the identity of the training data
-and the learning-rate schedule. No torch, no processes: config parsing imports this module.
+and the learning-rate schedule. No torch, no processes.
 
 What a resume does with a difference (``check_resume``):
 
@@ -27,10 +27,10 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from sft.config import ACCEPTABLE_CHANGES
 from sft.errors import UserError
-from sft.schedule import Schedule
+from sft.train.schedule import Schedule
 
-ACCEPTABLE_CHANGES = ("data", "tokenizer", "template", "sequence_length", "packing")
 
 
 class ResumeError(UserError):
@@ -42,11 +42,11 @@ class DataIdentity:
     """What the training rows are: a different value means other samples at the same step."""
 
     fingerprint: str
-    """The encode cache key (sft.dataset.cache_key); "" when the data folder records none."""
+    """The encode cache key (sft.data.build.cache_key); "" when the data folder records none."""
     data: str
     """The part of the key that is the data itself: file contents, field mapping, encoding policies."""
     tokenizer: str
-    """sft.dataset.tokenizer_fingerprint of the run's tokenizer."""
+    """sft.data.build.tokenizer_fingerprint of the run's tokenizer."""
     template: str
     sequence_length: int
     packing: str
@@ -88,7 +88,7 @@ class RunState:
     data: DataIdentity
     schedule: Schedule
     adapter: str = ""
-    """What is trained: "" for all weights, else the LoRA settings (sft.lora.describe)."""
+    """What is trained: "" for all weights, else the LoRA settings (sft.train.lora.describe)."""
     step: int = 0
     samples: int = 0
     """Samples trained on (a packed row counts the samples in it)."""
@@ -109,7 +109,7 @@ class RunState:
 
     @classmethod
     def start(cls, layout, strategy: str, data: DataIdentity, schedule: Schedule, adapter: str = "") -> "RunState":
-        """A run at step 0 (``layout``: sft.sampler.Layout)."""
+        """A run at step 0 (``layout``: sft.train.sampler.Layout)."""
         return cls(layout.global_batch, layout.processes, layout.micro_batch, layout.accumulation, strategy, data, schedule,
                    adapter)
 

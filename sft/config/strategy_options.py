@@ -1,7 +1,7 @@
 """What each ``strategy_name`` accepts, checked when the config is parsed: its ``strategy_config`` keys and
 their values, and whether it can drop a step (``on_nan: skip``).
 
-The config checks itself with this table and sft.strategies builds its classes from it, so the table sits
+The config checks itself with this table and sft.train.strategies builds its classes from it, so the table sits
 below both and imports no torch: parsing a config (scripts/encode.py) stays free of it.
 """
 

@@ -3,7 +3,7 @@
     <output_dir>/sft_train/checkpoint-<step>/            renamed into place only when complete
         COMPLETE                                         marker, written before the rename
         MANIFEST.json                                    every file's size (and SHA-256 up to 16 MiB), checked on resume
-        run_state.json                                   the run state (sft/runstate.py), checked on resume
+        run_state.json                                   the run state (sft/train/runstate.py), checked on resume
         <cluster_name>/                                  HF model (safetensors, config) or, with LoRA, the PEFT
                                                          adapter (adapter_config.json, adapter_model.safetensors);
                                                          the tokenizer, and template.json naming the run's template
@@ -249,7 +249,7 @@ def remove_staging(output_dir: str) -> list[str]:
 
 
 def write_template(model_folder: str, name: str) -> None:
-    """Record the chat template a model was trained with (a name for sft.templates.get_template)."""
+    """Record the chat template a model was trained with (a name for sft.data.templates.get_template)."""
     with open(os.path.join(model_folder, TEMPLATE_FILE), "w", encoding="utf-8") as handle:
         json.dump({"template": name}, handle)
 

@@ -1,7 +1,7 @@
 """Rendered conversations -> (input_ids, labels) with prompt tokens masked. Pure: plain lists in, lists out.
 
 Each sample is tokenized once, as one string, in a batched call of the fast tokenizer; a token is a
-target when its characters lie inside a supervised span (from ``sft.templates``)::
+target when its characters lie inside a supervised span (from ``sft.data.templates``)::
 
     text    <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n[Hello!<|im_end|>]\\n
     tokens  <|im_start|> user \\n Hi <|im_end|> \\n <|im_start|> assistant \\n Hello ! <|im_end|> \\n
@@ -20,10 +20,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from sft.config import DataArgs
-from sft.data import BadSample, FieldMapping, conversation_from_row
+from sft.data.conversation import BadSample, FieldMapping, conversation_from_row
 from sft.errors import IGNORE_INDEX, UserError
-from sft.sources import SourceRow
-from sft.templates import ChatTemplate, TemplateError, TemplateRefused
+from sft.data.sources import SourceRow
+from sft.data.templates import ChatTemplate, TemplateError, TemplateRefused
 
 
 class EncodeError(UserError):
@@ -83,7 +83,7 @@ class EncodeCounts:
     rows_read: int = 0
     rows_kept: int = 0  # rows that gave at least one sample
     samples: int = 0  # samples written (a row whose turns need their own render gives several)
-    split_samples: int = 0  # of those, samples made for one turn (see sft.templates: generation-faithful targets)
+    split_samples: int = 0  # of those, samples made for one turn (see sft.data.templates: generation-faithful targets)
     truncated: int = 0
     retokenized: int = 0
     total_tokens: int = 0

@@ -1,7 +1,7 @@
 """The SFT worker: the seed's operations (initialize, train_step, val_step, do_checkpoint) on Accelerate.
 
-The strategy object (sft/strategies.py) prepares, steps, saves and loads; the worker runs the same code
-whatever the strategy. What a step trains on comes from sft/loader.py; scripts/train.py owns the loop.
+The strategy object (sft/train/strategies.py) prepares, steps, saves and loads; the worker runs the same code
+whatever the strategy. What a step trains on comes from sft/train/loader.py; scripts/train.py owns the loop.
 
 Loss normalisation (guarantee 3): an optimizer step's loss is the mean over all of its target tokens,
 across accumulation micro-batches and ranks. Before the first backward of a step, the target-token
@@ -19,20 +19,20 @@ from dataclasses import dataclass
 
 import torch
 
-from sft import checkpoint as ckpt
+from sft.train import checkpoint as ckpt
 from sft.config import SFTConfig
 from sft.errors import IGNORE_INDEX, UserError
 from sft.generation import conversation, generate_answer, stop_rule
-from sft.loader import StepBatch, collate_rows
-from sft.architectures import Architecture
-from sft.attention import watch_packed_rows
-from sft.hybrid import separate_samples
-from sft.lora import adapted_modules, apply_lora, check_quantization, check_saved, lora_enabled, quantization_config
-from sft.metrics import StepResult, ValResult
-from sft.modeling import attention_implementation, forward_loss, load_model, load_model_config, loss_sum
-from sft.moe import Router, active_parameters
-from sft.runstate import RunState
-from sft.strategies import Strategy, finish
+from sft.train.loader import StepBatch, collate_rows
+from sft.train.architectures import Architecture
+from sft.train.attention import watch_packed_rows
+from sft.train.hybrid import separate_samples
+from sft.train.lora import adapted_modules, apply_lora, check_quantization, check_saved, lora_enabled, quantization_config
+from sft.train.metrics import StepResult, ValResult
+from sft.train.modeling import attention_implementation, forward_loss, load_model, load_model_config, loss_sum
+from sft.train.moe import Router, active_parameters
+from sft.train.runstate import RunState
+from sft.train.strategies import Strategy, finish
 
 
 class NonFiniteLoss(UserError):
@@ -46,10 +46,10 @@ class ModelInfo:
     parameters: int
     trainable: int
     attention: str
-    architecture: str  # sft.architectures.Architecture.describe()
-    per_sample_mixers: int  # recurrent / convolution layers run per sample on packed rows (sft/hybrid.py)
+    architecture: str  # sft.train.architectures.Architecture.describe()
+    per_sample_mixers: int  # recurrent / convolution layers run per sample on packed rows (sft/train/hybrid.py)
     router_aux_loss_coef: float | None  # None: no router loss
-    adapters: str  # sft.lora.adapted_modules: what carries LoRA adapters ("" without LoRA)
+    adapters: str  # sft.train.lora.adapted_modules: what carries LoRA adapters ("" without LoRA)
     seconds: float
 
 
@@ -61,7 +61,7 @@ class SFTWorker:
         self.train_data, self.val_data = train_data, val_data
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.model = self.optimizer = self.model_config = None
-        self.router: Router | None = None  # an MoE model's router loss (sft/moe.py)
+        self.router: Router | None = None  # an MoE model's router loss (sft/train/moe.py)
         self.parameter_count = self.active_parameter_count = 0  # active: what a token passes through (MoE)
 
     # ----- initialize ------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ class SFTWorker:
                            quantization=quantization_config(model_args))
         mixers = []
         if packed:
-            from sft.packing import check_packing_backend
+            from sft.data.packing import check_packing_backend
 
             check_packing_backend(attn, model.config.use_cache, config.sft_train.training_args.per_device_train_batch_size)
             watch_packed_rows(model)
@@ -139,7 +139,7 @@ class SFTWorker:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         scale = accelerator.num_processes * len(micro_batches) / max(targets, 1)
-        router_scale = accelerator.num_processes * len(micro_batches) / max(tokens, 1)  # sft/moe.py
+        router_scale = accelerator.num_processes * len(micro_batches) / max(tokens, 1)  # sft/train/moe.py
         model.train()
         local_loss, skipped, router = 0.0, False, RouterWindow()
         start = time.perf_counter()
@@ -283,7 +283,7 @@ class SFTWorker:
 
 
 class RouterWindow:
-    """One process's router terms of one step (sft/moe.py), summed over its micro-batches."""
+    """One process's router terms of one step (sft/train/moe.py), summed over its micro-batches."""
 
     def __init__(self):
         self.weighted_sum, self.tokens, self.counts = 0.0, 0, torch.zeros(0, dtype=torch.float64)

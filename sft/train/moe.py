@@ -2,7 +2,7 @@
 
 The model's own forward adds ``router_aux_loss_coef x load_balancing_loss_func(router logits of the batch)`` to
 its loss when it is given labels and ``output_router_logits``. Our loss is computed outside the model (at target
-positions only, sft/modeling.py), so the router loss is added here, with the model's own function (the
+positions only, sft/train/modeling.py), so the router loss is added here, with the model's own function (the
 ``load_balancing_loss_func`` of its modeling file), and defined per sample::
 
     aux(step) = sum over the step's samples s of  n_s x balance(router logits of s's n_s tokens)  /  sum of n_s
@@ -13,7 +13,7 @@ samples balances over the batch's tokens together, a value that changes with how
 micro-batches, rows and processes; per sample it does not: packed or padded, ``bs 8`` or ``2 processes x bs 2 x
 GA 2``, the step's objective and gradient are the same (guarantees 2 and 3). Each micro-batch backpropagates
 its share ``coef x sum_s n_s aux_s x processes x accumulation / N``, N the step's token count over all
-processes, as the cross-entropy does (sft/worker.py).
+processes, as the cross-entropy does (sft/train/worker.py).
 
 The experts' load is logged beside it: per MoE layer, the tokens each expert received (top-k choices) over the
 step, as the busiest expert's count over the mean count (1.0 = perfectly even); the max and mean over layers.

@@ -2,7 +2,7 @@
 
 A packed row concatenates whole samples. position_ids restart at 0 for each sample, which is how the
 attention backends keep samples from attending to each other (with attention_mask=None and use_cache=False):
-varlen (sft/attention.py) attends within each sample only; sdpa and eager get a block-diagonal mask over the
+varlen (sft/train/attention.py) attends within each sample only; sdpa and eager get a block-diagonal mask over the
 whole row from transformers; flash_attention_2 separates samples only in a batch of one row (see
 check_packing_backend). The first label of each sample is masked,
 so the last token of one sample never learns to predict the first token of the next::
@@ -243,7 +243,7 @@ def packed_collate(rows: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -
     ``row_tokens`` holds each row's real token count (the padding sample is not one: an MoE router loss skips it)."""
     import torch
 
-    from sft.collate import pad_collate
+    from sft.data.collate import pad_collate
 
     batch = pad_collate(rows, pad_id, pad_to_multiple_of)
     mask = batch.pop("attention_mask")

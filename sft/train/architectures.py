@@ -3,14 +3,14 @@
 One ``Architecture`` per run: the family (``model_type``), its layer types, whether it has recurrent or
 convolution layers, its experts and router loss. From it come two decisions:
 
-* the attention to load the model with (``attention``). ``auto`` is per-sample attention (sft/attention.py):
+* the attention to load the model with (``attention``). ``auto`` is per-sample attention (sft/train/attention.py):
   ``varlen`` (SDPA math, or FlashAttention's varlen kernel on a GPU, within each sample; sliding windows,
   attention sinks and soft-capping handled) for a model that transformers runs with sdpa, ``varlen_eager`` (the
   model's own eager function within each sample) for one it does not (gpt-oss, Gemma 2). A packed run that asks
   for ``sdpa`` or ``eager`` gets the same per-sample attention with that math: transformers' own block mask
   keeps samples apart only where a model hands position_ids to its mask builder, and some do not (gpt-oss);
 * whether packed rows can be trained exactly (``check_packing``). Attention layers are kept apart by the
-  per-sample attention; linear-attention, convolution and Mamba layers run once per sample (sft/hybrid.py);
+  per-sample attention; linear-attention, convolution and Mamba layers run once per sample (sft/train/hybrid.py);
   the layer types that neither keeps apart (chunked, windowed-block, indexed and compressed sparse attention)
   are refused by name.
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from sft.errors import UserError
 
-# Layer types whose attention sft/attention.py computes within each sample (with the layer's window).
+# Layer types whose attention sft/train/attention.py computes within each sample (with the layer's window).
 PER_SAMPLE_ATTENTION = frozenset({"full_attention", "sliding_attention", "attention"})
 # Layer types that carry a state along the sequence (Gated DeltaNet, Mamba, short convolutions): run per sample.
 STATEFUL = frozenset({"linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba"})

@@ -1,0 +1,131 @@
+"""A run's config: the top-level fields, the sections under them, and the checks that read across sections.
+
+    python scripts/encode.py --config_path configs/demo.yaml --sft_train.data_args.template chatml
+
+Every field has exactly one default (here or in sft/config/sections.py) and one docstring (shown by ``--help``).
+Building an SFTConfig coerces YAML values to the annotated types and validates them: an invalid value fails at
+start with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from sft.config.coerce import normalise, normalise_resume
+from sft.config.sections import (TEMPLATES, ValidationConfig, WorkerConfig, check_at_least_one, check_choice,
+                                 mapping_field)
+from sft.config.specs import looks_like_hub_id, spec_problem
+from sft.errors import ConfigError
+
+ACCEPTABLE_CHANGES = ("data", "tokenizer", "template", "sequence_length", "packing")
+TRACKERS = ("tensorboard", "none")
+
+
+@dataclass
+class SFTConfig:
+    """A supervised fine-tuning run."""
+
+    exp_name: str = "sft"
+    """Experiment name, used in logs and tracker runs."""
+    seed: int = 42
+    """Seed for data order, initialisation and dropout."""
+    logging_dir: Optional[str] = None
+    """Text logs, metrics.jsonl and (under tensorboard/) TensorBoard events; None: <output_dir>/logs."""
+    output_dir: str = "./output"
+    """Checkpoints and encoded-data caches go here."""
+    save_steps: int = 500
+    """Save a checkpoint every this many optimizer steps."""
+    logging_steps: int = 10
+    """Log metrics every this many optimizer steps."""
+    eval_steps: int = 100
+    """Validate every this many optimizer steps (when validation data is set)."""
+    resume_from_checkpoint: str = "false"
+    """false, true (the newest complete checkpoint under output_dir) or a checkpoint path."""
+    sequence_length: int = 2048
+    """Longest sample (and packed row) in tokens."""
+    pretrain: Optional[str] = None
+    """Model and tokenizer: an HF folder (a tokenizer-only folder is enough to encode) or a hub id."""
+    system_key: Optional[str] = None
+    """Row key holding a system prompt; None: no system prompt from the data."""
+    prompt_key: str = "instruction"
+    """Row key holding the user prompt of single-turn rows."""
+    query_key: Optional[str] = "input"
+    """Row key appended to the prompt after a newline when non-empty; set null (or "none") if the data has none."""
+    response_key: str = "output"
+    """Row key holding the assistant response of single-turn rows."""
+    messages_key: Optional[str] = None
+    """Row key holding a multi-turn conversation (OpenAI role/content or ShareGPT from/value); set it to use multi-turn rows."""
+    tools_key: Optional[str] = "tools"
+    """Row key holding the tools offered to the model: a list of JSON-schema functions, or that list as a JSON string."""
+    global_template: Optional[str] = None
+    """When set, overrides sft_train.data_args.template."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables clipping."""
+    track_with: str = "tensorboard"
+    """Metrics tracker: tensorboard or none."""
+    tracker_kwargs: dict = mapping_field()
+    """Tracker options, e.g. {log_dir: ./output/tensorboard}."""
+    resume_accept_changes: list[str] = field(default_factory=list)
+    """What a resume may find changed since its checkpoint, of: data, tokenizer, template, sequence_length, packing
+    (otherwise such a resume is refused, naming what changed)."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device for MFU (e.g. 790 for bf16 on an H100 here); 0: known GPUs only."""
+    cluster_name: str = "sft_train"
+    """Last path component of a checkpoint: <output_dir>/sft_train/checkpoint-<step>/<cluster_name>/."""
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    """Validation settings."""
+    sft_train: WorkerConfig = field(default_factory=WorkerConfig)
+    """The SFT worker."""
+
+    def __post_init__(self) -> None:
+        normalise(self, "")
+        self.resume_from_checkpoint = normalise_resume(self.resume_from_checkpoint)
+        self.check()
+
+    def logs_dir(self) -> str:
+        """Where this run's logs go: logging_dir, or <output_dir>/logs."""
+        return self.logging_dir or os.path.join(self.output_dir, "logs")
+
+    def template_name(self) -> str:
+        """The template in force: global_template when set, else sft_train.data_args.template."""
+        return self.global_template or self.sft_train.data_args.template
+
+    def check(self) -> None:
+        """Each section's own checks, then those that read across sections (a bad value fails naming its field)."""
+        self.sft_train.check()
+        self.validation.check()
+        data = self.sft_train.data_args
+        if self.global_template is not None:
+            check_choice("global_template", self.global_template, TEMPLATES)
+        if data.pad_to_multiple_of < 1 or self.sequence_length % data.pad_to_multiple_of:
+            raise ConfigError(f"sft_train.data_args.pad_to_multiple_of: must be >= 1 and divide sequence_length "
+                              f"{self.sequence_length}, got {data.pad_to_multiple_of}")
+        for change in self.resume_accept_changes:
+            check_choice("resume_accept_changes", change, ACCEPTABLE_CHANGES)
+        check_choice("track_with", self.track_with, TRACKERS)
+        for name in ("sequence_length", "save_steps", "logging_steps", "eval_steps"):
+            check_at_least_one(name, getattr(self, name))
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"max_grad_norm: must not be negative (0 disables clipping), got {self.max_grad_norm}")
+
+    def check_paths(self) -> None:
+        """Fail, naming the field, when a configured input file or folder does not exist."""
+        if self.pretrain is None:
+            raise ConfigError("pretrain: not set; give the model (or tokenizer) folder or hub id")
+        if not os.path.exists(self.pretrain) and not looks_like_hub_id(self.pretrain):
+            raise ConfigError(f"pretrain: folder not found: {self.pretrain}")
+        encoded = self.sft_train.data_args.encoded_path
+        if encoded is not None and not os.path.isdir(os.path.join(encoded, "train")):
+            raise ConfigError(f"sft_train.data_args.encoded_path: {encoded} has no train/ folder (write it with scripts/encode.py --out)")
+        if not self.sft_train.data_args.file_name and encoded is None:
+            raise ConfigError("sft_train.data_args.file_name: not set; give .json/.jsonl/.parquet files, dataset folders or Hub ids")
+        for name, files in (
+            ("sft_train.data_args.file_name", self.sft_train.data_args.file_name),
+            ("validation.data_args.file_name", self.validation.data_args.file_name),
+        ):
+            for path in files:
+                problem = spec_problem(path)
+                if problem is not None:
+                    raise ConfigError(f"{name}: {problem}")
