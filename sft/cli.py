@@ -12,12 +12,19 @@ from sft.errors import UserError
 
 
 def run_script(main: Callable, options: Optional[type] = None) -> None:
-    """Parse the command line (with the script's own `options` dataclass, if any) and run `main` on it."""
+    """Parse the command line into a run config whose input paths exist (and the script's own `options`
+    dataclass, if any, parsed apart: ``--out``) and run `main` on them."""
+    import simple_parsing
+
     try:
-        if options is None:
-            main(load_config())
-        else:
-            main(*load_config(extra=options))
+        argv = sys.argv[1:]
+        if options is not None:
+            parser = simple_parsing.ArgumentParser(add_help=False)
+            parser.add_arguments(options, dest="options")
+            known, argv = parser.parse_known_args(argv)
+        config = load_config(args=argv)
+        config.check_paths()
+        main(config) if options is None else main(config, known.options)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

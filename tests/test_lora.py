@@ -129,7 +129,7 @@ def test_lora_settings_are_checked_when_the_config_is_parsed(tmp_path, fields, m
     path = tmp_path / "run.yaml"
     path.write_text("sft_train:\n  model_args: " + json.dumps(fields) + "\n")
     with pytest.raises(ConfigError) as caught:
-        load_config(str(path), [], check_paths=False)
+        load_config(str(path), [])
     assert message in str(caught.value)
 
 

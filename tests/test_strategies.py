@@ -18,7 +18,7 @@ def parse(tmp_path, strategy, options=None, *args):
     path = tmp_path / "run.yaml"
     path.write_text(f"sft_train:\n  strategy_args:\n    strategy_name: {strategy}\n"
                     + (f"    strategy_config: {json.dumps(options)}\n" if options is not None else ""))
-    return load_config(str(path), list(args), check_paths=False)
+    return load_config(str(path), list(args))
 
 
 def test_the_registry_names_every_strategy_and_each_implements_the_interface():
@@ -85,7 +85,7 @@ def test_parsing_a_config_imports_no_torch(tmp_path):
     path.write_text("sft_train:\n  strategy_args:\n    strategy_name: deepspeed_train\n"
                     "    strategy_config: {zero_stage: 3}\n")
     code = (f"import sys; sys.path.insert(0, {ROOT!r}); from sft.config import load_config; "
-            f"load_config({str(path)!r}, [], check_paths=False); "
+            f"load_config({str(path)!r}, []); "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
@@ -96,7 +96,7 @@ def test_deepspeed_config_from_keys_and_from_a_file(tmp_path):
     config_path.write_text("max_grad_norm: 0.5\nsft_train:\n  strategy_args:\n    strategy_name: deepspeed_train\n"
                            "    strategy_config: {zero_stage: 3, offload_optimizer: true}\n"
                            "  training_args: {per_device_train_batch_size: 2, gradient_accumulation_steps: 4}\n")
-    config = load_config(str(config_path), [], check_paths=False)
+    config = load_config(str(config_path), [])
     strategy = DeepSpeedStrategy(config)
     ds = strategy.deepspeed_config()
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
@@ -106,8 +106,7 @@ def test_deepspeed_config_from_keys_and_from_a_file(tmp_path):
     assert strategy.params_sharded
     for name in ("zero2", "zero3", "zero3_offload"):
         path = os.path.join(ROOT, "configs", "deepspeed", f"{name}.json")
-        config = load_config(str(config_path), ["--sft_train.strategy_args.strategy_config", f"{{deepspeed_config: {path}}}"],
-                             check_paths=False)
+        config = load_config(str(config_path), ["--sft_train.strategy_args.strategy_config", f"{{deepspeed_config: {path}}}"])
         ds = DeepSpeedStrategy(config).deepspeed_config()
         assert ds["zero_optimization"]["stage"] in (2, 3) and ds["train_micro_batch_size_per_gpu"] == 2
         assert DeepSpeedStrategy(config).params_sharded == (ds["zero_optimization"]["stage"] == 3)

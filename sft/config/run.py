@@ -3,19 +3,19 @@
     python scripts/encode.py --config_path configs/demo.yaml --sft_train.data_args.template chatml
 
 Every field has exactly one default (here or in sft/config/sections.py) and one docstring (shown by ``--help``).
-Building an SFTConfig coerces YAML values to the annotated types and validates them: an invalid value fails at
-start with a message naming the field.
+load_config (sft/config/loading.py) types the YAML and the overrides through pydantic and runs ``check``: an invalid
+value fails at start with a message naming the field. ``check_paths`` (input files exist) runs at a script's start.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
-from sft.config.coerce import normalise, normalise_resume
-from sft.config.sections import (TEMPLATES, ValidationConfig, WorkerConfig, check_at_least_one, check_choice,
-                                 mapping_field)
+from pydantic import with_config
+
+from sft.config.fields import SECTION, Names, OptionalText, Resume
+from sft.config.sections import TEMPLATES, ValidationConfig, WorkerConfig, check_at_least_one, check_choice
 from sft.config.specs import looks_like_hub_id, spec_problem
 from sft.errors import ConfigError
 
@@ -23,6 +23,7 @@ ACCEPTABLE_CHANGES = ("data", "tokenizer", "template", "sequence_length", "packi
 TRACKERS = ("tensorboard", "none")
 
 
+@with_config(SECTION)
 @dataclass
 class SFTConfig:
     """A supervised fine-tuning run."""
@@ -31,7 +32,7 @@ class SFTConfig:
     """Experiment name, used in logs and tracker runs."""
     seed: int = 42
     """Seed for data order, initialisation and dropout."""
-    logging_dir: Optional[str] = None
+    logging_dir: OptionalText = None
     """Text logs, metrics.jsonl and (under tensorboard/) TensorBoard events; None: <output_dir>/logs."""
     output_dir: str = "./output"
     """Checkpoints and encoded-data caches go here."""
@@ -41,33 +42,33 @@ class SFTConfig:
     """Log metrics every this many optimizer steps."""
     eval_steps: int = 100
     """Validate every this many optimizer steps (when validation data is set)."""
-    resume_from_checkpoint: str = "false"
+    resume_from_checkpoint: Resume = "false"
     """false, true (the newest complete checkpoint under output_dir) or a checkpoint path."""
     sequence_length: int = 2048
     """Longest sample (and packed row) in tokens."""
-    pretrain: Optional[str] = None
+    pretrain: OptionalText = None
     """Model and tokenizer: an HF folder (a tokenizer-only folder is enough to encode) or a hub id."""
-    system_key: Optional[str] = None
+    system_key: OptionalText = None
     """Row key holding a system prompt; None: no system prompt from the data."""
     prompt_key: str = "instruction"
     """Row key holding the user prompt of single-turn rows."""
-    query_key: Optional[str] = "input"
+    query_key: OptionalText = "input"
     """Row key appended to the prompt after a newline when non-empty; set null (or "none") if the data has none."""
     response_key: str = "output"
     """Row key holding the assistant response of single-turn rows."""
-    messages_key: Optional[str] = None
+    messages_key: OptionalText = None
     """Row key holding a multi-turn conversation (OpenAI role/content or ShareGPT from/value); set it to use multi-turn rows."""
-    tools_key: Optional[str] = "tools"
+    tools_key: OptionalText = "tools"
     """Row key holding the tools offered to the model: a list of JSON-schema functions, or that list as a JSON string."""
-    global_template: Optional[str] = None
+    global_template: OptionalText = None
     """When set, overrides sft_train.data_args.template."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0 disables clipping."""
     track_with: str = "tensorboard"
     """Metrics tracker: tensorboard or none."""
-    tracker_kwargs: dict = mapping_field()
+    tracker_kwargs: dict = field(default_factory=dict)
     """Tracker options, e.g. {log_dir: ./output/tensorboard}."""
-    resume_accept_changes: list[str] = field(default_factory=list)
+    resume_accept_changes: Names = field(default_factory=list)
     """What a resume may find changed since its checkpoint, of: data, tokenizer, template, sequence_length, packing
     (otherwise such a resume is refused, naming what changed)."""
     peak_tflops: float = 0.0
@@ -78,11 +79,6 @@ class SFTConfig:
     """Validation settings."""
     sft_train: WorkerConfig = field(default_factory=WorkerConfig)
     """The SFT worker."""
-
-    def __post_init__(self) -> None:
-        normalise(self, "")
-        self.resume_from_checkpoint = normalise_resume(self.resume_from_checkpoint)
-        self.check()
 
     def logs_dir(self) -> str:
         """Where this run's logs go: logging_dir, or <output_dir>/logs."""

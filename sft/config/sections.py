@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
+from pydantic import with_config
+
+from sft.config.fields import SECTION, Names, OptionalNumber, OptionalText
 from sft.config.strategy_options import check_strategy_args
 from sft.errors import ConfigError
 
@@ -20,27 +23,14 @@ SCHEDULES = ("linear", "cosine", "constant")
 NAN_POLICIES = ("error", "skip")
 PACKING_STRATEGIES = ("bfd", "greedy")
 REGEX_CHARS = re.compile(r"[\\^$.*+?()\[\]{}|]")  # a lora_target entry with one of these is a regex
-def _mapping(text: Any) -> dict:
-    """A mapping field from the command line, written as YAML: --tracker_kwargs '{log_dir: runs/a}'."""
-    import yaml
-
-    value = yaml.safe_load(text) if isinstance(text, str) else text
-    if not isinstance(value, dict):
-        raise ValueError(f"expected a mapping like '{{key: value}}', got {text!r}")
-    return value
 
 
-def mapping_field():
-    from simple_parsing.helpers import field as parsed_field
-
-    return parsed_field(default_factory=dict, type=_mapping)
-
-
+@with_config(SECTION)
 @dataclass
 class DataArgs:
     """Where the training data is and how it becomes (input_ids, labels)."""
 
-    file_name: list[str] = field(default_factory=list)
+    file_name: Names = field(default_factory=list)
     """Training data: .json (array of rows), .jsonl, .parquet files, a save_to_disk folder, a dataset folder or a
     Hub dataset id (org/name; pick a config and split with org/name?config=C&split=S)."""
     template: str = "native"
@@ -61,9 +51,9 @@ class DataArgs:
     (keeps the sample order)."""
     pad_to_multiple_of: int = 1
     """Pad every (packed) row to a multiple of this many tokens (tensor/context parallel alignment)."""
-    encoded_path: Optional[str] = None
+    encoded_path: OptionalText = None
     """A folder written by scripts/encode.py (or pack.py) to train from instead of encoding file_name."""
-    rejects_file: Optional[str] = None
+    rejects_file: OptionalText = None
     """Where skipped rows are written (JSONL with reasons). Default: rejects-<split>.jsonl beside the encoded data."""
 
     def check(self) -> None:
@@ -76,19 +66,21 @@ class DataArgs:
         check_at_least_one(f"{prefix}.preprocessing_num_workers", self.preprocessing_num_workers)
 
 
+@with_config(SECTION)
 @dataclass
 class ValidationDataArgs:
     """Validation data; encoded with the same mapping and template as training."""
 
-    file_name: list[str] = field(default_factory=list)
+    file_name: Names = field(default_factory=list)
     """Validation data, in the forms sft_train.data_args.file_name takes. Empty: no validation."""
 
 
+@with_config(SECTION)
 @dataclass
 class ValidationConfig:
     data_args: ValidationDataArgs = field(default_factory=ValidationDataArgs)
     """Validation data."""
-    sample_prompts: list[str] = field(default_factory=list)
+    sample_prompts: Names = field(default_factory=list)
     """Prompts answered greedily before and after training, printed at the end of the run."""
     max_new_tokens: int = 48
     """Tokens generated per sample prompt."""
@@ -97,6 +89,7 @@ class ValidationConfig:
         check_at_least_one("validation.max_new_tokens", self.max_new_tokens)
 
 
+@with_config(SECTION)
 @dataclass
 class TrainingArgs:
     """Optimisation settings."""
@@ -154,16 +147,18 @@ class TrainingArgs:
             raise ConfigError(f"{prefix}.warmup_steps and save_total_limit must not be negative")
 
 
+@with_config(SECTION)
 @dataclass
 class StrategyArgs:
     """How the model is distributed across processes."""
 
     strategy_name: str = "ddp_train"
     """ddp_train, deepspeed_train (ZeRO stage/offload in strategy_config) or fsdp2_train."""
-    strategy_config: dict = mapping_field()
+    strategy_config: dict = field(default_factory=dict)
     """Strategy options, e.g. {zero_stage: 3, offload_optimizer: false} for deepspeed_train."""
 
 
+@with_config(SECTION)
 @dataclass
 class ModelArgs:
     """How the model is loaded."""
@@ -178,23 +173,23 @@ class ModelArgs:
     """Recompute activations in backward to save memory."""
     from_scratch: bool = False
     """Initialise the weights randomly from the model config instead of loading them."""
-    model_config: Optional[str] = None
+    model_config: OptionalText = None
     """Folder (or file) with the config.json used by from_scratch; default: pretrain."""
     loss_chunk_size: int = 1024
     """Target tokens per chunk of the output layer + cross-entropy, so a step's logits never all exist at once
     (0: all at once)."""
     lora_rank: int = 0
     """LoRA adapter rank; 0 trains all weights."""
-    lora_alpha: Optional[float] = None
+    lora_alpha: OptionalNumber = None
     """LoRA scaling numerator (the update is scaled by alpha / rank); default 2 x lora_rank."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA branch's input."""
-    lora_target: list[str] = field(default_factory=lambda: ["all-linear"])
+    lora_target: Names = field(default_factory=lambda: ["all-linear"])
     """Modules that get adapters: all-linear (every linear layer but the output layer), module names
     (q_proj, v_proj, ...), or one regex over full module names."""
-    additional_target: list[str] = field(default_factory=list)
+    additional_target: Names = field(default_factory=list)
     """Modules trained in full beside the adapters, e.g. [embed_tokens, lm_head] for new tokens."""
-    router_aux_loss_coef: Optional[float] = None
+    router_aux_loss_coef: OptionalNumber = None
     """MoE models: weight of the router's load-balancing loss in the objective (per sample, sft/train/moe.py); default:
     the model config's router_aux_loss_coef (Qwen3-MoE 0.001, Mixtral 0.02); 0 turns it off."""
     quantization_bit: int = 0
@@ -236,6 +231,7 @@ class ModelArgs:
                               "or lora_rank: 0 to train all weights")
 
 
+@with_config(SECTION)
 @dataclass
 class WorkerConfig:
     """The SFT worker: data, optimisation, strategy and model settings."""
@@ -248,7 +244,7 @@ class WorkerConfig:
     """Distribution strategy."""
     model_args: ModelArgs = field(default_factory=ModelArgs)
     """Model loading."""
-    device_mapping: Optional[str] = None
+    device_mapping: OptionalText = None
     """Devices this worker uses, e.g. "list(range(0,8))" or "[0,1]"; None: all visible ones."""
     infer_batch_size: int = 1
     """Micro-batch size for validation forward passes."""
