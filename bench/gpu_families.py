@@ -1,5 +1,5 @@
 """Packed rows against the same samples alone, in bf16 on a GPU, for gpt-oss-, Gemma-3-, Qwen3-Next- and
-Qwen3-MoE-shaped models, with the defaults (attn auto, router loss on): the bf16 form of guarantee 2.
+Qwen3-MoE-shaped models, with the defaults (attn auto, router loss on): the bf16 form of the packing guarantee.
 
     python bench/gpu_families.py                 # on the GPU machine (a device call; ~1 minute)
     python bench/gpu_families.py --dry-run       # CPU, float32, small shapes: the same code and table

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train on one machine with as many processes as the run wants: the seed's helper-script shape.
+# Train on one machine with as many processes as the run wants, the shape of ROLL's helper script.
 #
 #   bash launch/run_sft.sh configs/demo.yaml [--dotted.override value ...]
 #

@@ -1,4 +1,4 @@
-"""An independent check of labels (guarantee 1), built on HF's own chat-template rendering, not on sft.data.templates.
+"""An independent check of labels (exact labels, docs/guarantees.md), built on HF's own chat-template rendering, not on sft.data.templates.
 
 For every kept source row the checker works out, from scratch, which samples the encoder must have written and
 what each one must hold, then compares them with the encoded dataset token by token after decoding.

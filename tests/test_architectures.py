@@ -1,4 +1,4 @@
-"""The architecture matrix (guarantees 2 and 10 on the 2026 families): with the defaults, a packed step equals the
+"""The architecture matrix (packing and the loss guarantee on the 2026 families): with the defaults, a packed step equals the
 same samples alone, loss, router loss and every gradient; the router loss is the model's own; what cannot be kept
 apart is refused by name, before any weight is loaded."""
 
@@ -15,7 +15,7 @@ from tests.architectures import FAMILIES, FLOAT32_INSIDE, ROUTER_TOLERANCE, conf
 from tests.test_varlen import packed_batch, random_samples
 
 # What `auto` picks per family (unpacked, packed), how many recurrent/conv layers run per sample, and whether the
-# router loss is on: the README's matrix, checked here.
+# router loss is on: the matrix in docs/training.md#model-families, checked here.
 MATRIX = {
     "llama": ("varlen", 0, False), "qwen2": ("varlen", 0, False), "qwen3": ("varlen", 0, False),
     "mistral": ("varlen", 0, False), "phi3": ("varlen", 0, False), "gemma2": ("varlen_eager", 0, False),

@@ -1,4 +1,4 @@
-"""Guarantee 1 on real data: every label of every row, for each real tokenizer and each template that fits it."""
+"""Exact labels on real data: every label of every row, for each real tokenizer and each template that fits it."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""An MoE model through scripts/train.py with real processes: the router loss keeps guarantee 3 (bs 8 and
+"""An MoE model through scripts/train.py with real processes: the router loss keeps the loss guarantee (bs 8 and
 2 processes x bs 2 x accumulation 2 give the same losses, router loss and update) under ZeRO-3 and FSDP2."""
 
 import json

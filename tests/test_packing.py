@@ -1,4 +1,4 @@
-"""Packing (sft/data/packing.py): bins, layout, and guarantee 2 (packed == unpacked loss and gradients)."""
+"""Packing (sft/data/packing.py): bins, layout, and the packing guarantee (packed == unpacked loss and gradients)."""
 
 import math
 import random

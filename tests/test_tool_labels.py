@@ -1,4 +1,4 @@
-"""Guarantee 1 for tool calls and reasoning: every label of every row, checked by tests/labelcheck.py.
+"""Exact labels for tool calls and reasoning: every label of every row, checked by tests/labelcheck.py.
 
 The data: LLaMA-Factory's glaive tool-call demo (ShareGPT function_call/observation turns), its reason_tool_use
 demo (content parts text/reasoning/tool_call), and the fixtures in tests/data/ (OpenAI form):

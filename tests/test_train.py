@@ -189,7 +189,7 @@ def test_resume_after_sigkill_is_bitwise_exact(setup, tmp_path, case):
 
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_and_resume_works(setup, tmp_path):
-    """Guarantee 5: killed while checkpoint N is being written, the run resumes from N-1 and ends as if never killed."""
+    """Exact resume: killed while checkpoint N is being written, the run resumes from N-1 and ends as if never killed."""
     root, config = setup
     steps = ["--sft_train.training_args.max_steps", "24", "--save_steps", "1", "--eval_steps", "100"]
     train(setup, tmp_path / "straight", *steps[:2], "--save_steps", "24", "--eval_steps", "100")
@@ -320,7 +320,7 @@ def test_strategies_give_the_same_losses_and_loadable_checkpoints(setup, tmp_pat
     for step, loss in got.items():
         assert loss == pytest.approx(reference[step], rel=1e-5), (case, step)
     if case != "zero2-1-process":
-        # Guarantee 6: the saved HF model, loaded in a fresh process, gives the live model's validation loss.
+        # The saved HF model, loaded in a fresh process, gives the live model's validation loss.
         fresh, live = fresh_process_val_loss(out, 4)
         assert fresh == pytest.approx(live, rel=1e-5)
     if case in ("fsdp2", "zero2"):
@@ -415,7 +415,7 @@ def test_device_mapping_wider_than_the_machine_is_refused(setup, tmp_path):
 
 
 def test_packing_changes_nothing_but_speed(setup, tmp_path):
-    """Guarantee 2 end to end: one step over all 40 samples, unpacked vs packed offline vs packed online."""
+    """Packing changes nothing, end to end: one step over all 40 samples, unpacked vs packed offline vs packed online."""
     root, config = setup
     packed_dir = tmp_path / "packed"
     result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "pack.py"), "--config_path", config,
@@ -442,7 +442,7 @@ def test_packing_changes_nothing_but_speed(setup, tmp_path):
 
 
 def test_resume_is_checked_against_the_run_state(setup, tmp_path):
-    """Guarantee 8 end to end, one process: what changed is named, an override accepts it, max_steps raised trains
+    """A resume is checked against the run, end to end, one process: what changed is named, an override accepts it, max_steps raised trains
     further on the documented schedule, the log goes on from the checkpoint, and a new run starts a new log."""
     root, config = setup
     out = tmp_path / "run"

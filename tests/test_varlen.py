@@ -1,4 +1,4 @@
-"""Per-sample attention (sft/train/attention.py, attn_implementation "varlen"): guarantee 2 through real transformers
+"""Per-sample attention (sft/train/attention.py, attn_implementation "varlen"): the packing guarantee through real transformers
 models, the exact sdpa fallback for unpacked batches, and what it refuses."""
 
 import random

@@ -266,7 +266,7 @@ class WorkerConfig:
 
 
 def parse_device_mapping(value: Optional[str]) -> Optional[list[int]]:
-    """Parse the seed's device_mapping forms ("list(range(0,8))", "[0, 1]", "0,1") without eval."""
+    """Parse ROLL's device_mapping forms ("list(range(0,8))", "[0, 1]", "0,1") without eval."""
     if value is None:
         return None
     text = str(value).replace(" ", "")

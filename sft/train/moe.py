@@ -11,7 +11,7 @@ positions only, sft/train/modeling.py), so the router loss is added here, with t
 so for one sample it is exactly what the model's forward adds. The model's forward over a batch of several
 samples balances over the batch's tokens together, a value that changes with how samples are grouped into
 micro-batches, rows and processes; per sample it does not: packed or padded, ``bs 8`` or ``2 processes x bs 2 x
-GA 2``, the step's objective and gradient are the same (guarantees 2 and 3). Each micro-batch backpropagates
+GA 2``, the step's objective and gradient are the same (the packing and loss guarantees). Each micro-batch backpropagates
 its share ``coef x sum_s n_s aux_s x processes x accumulation / N``, N the step's token count over all
 processes, as the cross-entropy does (sft/train/worker.py).
 

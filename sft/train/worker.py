@@ -1,9 +1,9 @@
-"""The SFT worker: the seed's operations (initialize, train_step, val_step, do_checkpoint) on Accelerate.
+"""The SFT worker: ROLL's worker operations (initialize, train_step, val_step, do_checkpoint) on Accelerate.
 
 The strategy object (sft/train/strategies.py) prepares, steps, saves and loads; the worker runs the same code
 whatever the strategy. What a step trains on comes from sft/train/loader.py; scripts/train.py owns the loop.
 
-Loss normalisation (guarantee 3): an optimizer step's loss is the mean over all of its target tokens,
+Loss normalisation (docs/guarantees.md): an optimizer step's loss is the mean over all of its target tokens,
 across accumulation micro-batches and ranks. Before the first backward of a step, the target-token
 count N of the whole step is all-reduced; each micro-batch then backpropagates
 ``loss_sum * world * accumulation / N``, which undoes the mean over ranks (DDP, ZeRO, FSDP2) and the division
@@ -54,7 +54,7 @@ class ModelInfo:
 
 
 class SFTWorker:
-    """Holds the model, optimizer and data of one process and runs the seed's worker operations."""
+    """Holds the model, optimizer and data of one process and runs ROLL's worker operations."""
 
     def __init__(self, config: SFTConfig, accelerator, strategy: Strategy, tokenizer, train_data, val_data=None):
         self.config, self.accelerator, self.strategy, self.tokenizer = config, accelerator, strategy, tokenizer
