@@ -20,7 +20,7 @@ from sft.cli import run_script
 from sft.config import SFTConfig
 from sft.data.build import META_FILE, build_encoded, read_meta
 from sft.data.packing import build_packed, format_packing_report
-from sft.runlock import remove_stale_staging, staging_path
+from sft.staging import atomic_dir
 
 
 @dataclass
@@ -37,21 +37,18 @@ def main(config: SFTConfig, options: PackOptions) -> str:
     out = options.out or f"{source.rstrip(os.sep)}-packed-{data.packing_strategy}"
     train = load_from_disk(os.path.join(source, "train"))
     packed, report = build_packed(train, config.sequence_length, data.packing_strategy)
-    remove_stale_staging(os.path.dirname(os.path.abspath(out)))  # what killed runs of this script left behind
-    staging = staging_path(out)
-    shutil.rmtree(staging, ignore_errors=True)
-    packed.save_to_disk(os.path.join(staging, "train"))
-    if os.path.isdir(os.path.join(source, "validation")):
-        shutil.copytree(os.path.join(source, "validation"), os.path.join(staging, "validation"))
-    with open(os.path.join(staging, "pack_meta.json"), "w", encoding="utf-8") as handle:
-        json.dump({"source": source, "sequence_length": config.sequence_length,
-                   "strategy": data.packing_strategy, "report": report}, handle, indent=2)
-    # The source's encode meta goes along, so a run given this folder can check how it was encoded.
-    meta = read_meta(source) or {}
-    with open(os.path.join(staging, META_FILE), "w", encoding="utf-8") as handle:
-        json.dump({**meta, "packed_sequence_length": config.sequence_length, "packed_from": source}, handle, indent=2)
-    shutil.rmtree(out, ignore_errors=True)
-    os.rename(staging, out)
+    with atomic_dir(out) as staging:  # a killed run leaves out as it was; its staging is removed by the next one
+        packed.save_to_disk(os.path.join(staging, "train"))
+        if os.path.isdir(os.path.join(source, "validation")):
+            shutil.copytree(os.path.join(source, "validation"), os.path.join(staging, "validation"))
+        with open(os.path.join(staging, "pack_meta.json"), "w", encoding="utf-8") as handle:
+            json.dump({"source": source, "sequence_length": config.sequence_length,
+                       "strategy": data.packing_strategy, "report": report}, handle, indent=2)
+        # The source's encode meta goes along, so a run given this folder can check how it was encoded.
+        meta = read_meta(source) or {}
+        with open(os.path.join(staging, META_FILE), "w", encoding="utf-8") as handle:
+            json.dump({**meta, "packed_sequence_length": config.sequence_length, "packed_from": source}, handle,
+                      indent=2)
     print(format_packing_report(report))
     print(f"Wrote {out}")
     return out

@@ -33,7 +33,8 @@ from sft.data.build import build_encoded, check_encoded_folder, format_report, l
 from sft.train.loader import StepDataset, step_loader
 from sft.train.lora import describe as describe_adapter
 from sft.train.metrics import MFU, MetricsWindow, RunLog, RunTotals, device_peak_flops, step_line
-from sft.runlock import RunLock, check_writable, remove_stale_staging
+from sft.runlock import RunLock, check_writable
+from sft.staging import remove_stale_staging
 from sft.train.runstate import DataIdentity, RunState, check_resume, packing_of
 from sft.train.sampler import Layout, eval_shard
 from sft.train.schedule import Schedule

@@ -35,6 +35,7 @@ from typing import Optional
 
 from sft.train import checkpoint as ckpt
 from sft.config.specs import looks_like_hub_id
+from sft.staging import atomic_dir
 from sft.errors import UserError
 
 MODEL_CONFIG = "config.json"
@@ -272,9 +273,7 @@ def export(source: ModelSource, out: str, merge: bool, overwrite: bool = False) 
     if not source.adapter and not any(name.endswith(WEIGHT_SUFFIXES) for name in os.listdir(source.folder)):
         raise ExportError(f"{source.folder} holds no weights (no .safetensors or .bin file); nothing to export")
     check_out(out, source, overwrite)
-    staging = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(os.path.abspath(out))}.tmp-export")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with atomic_dir(out) as staging:  # out is replaced only by a whole export (it is empty, or --overwrite)
         if source.adapter:
             tokenizer = load_tokenizer(source)
             model = load_model(source, merge=True)
@@ -282,15 +281,10 @@ def export(source: ModelSource, out: str, merge: bool, overwrite: bool = False) 
             tokenizer.save_pretrained(staging)  # writes its Jinja chat template too, when it has one
             result = ExportResult("merged", source, parameter_count(model), str(model.dtype).removeprefix("torch."), out)
         else:
-            shutil.copytree(source.folder, staging)
+            shutil.copytree(source.folder, staging, dirs_exist_ok=True)
             note = "--merge: a full-weight checkpoint, nothing to merge" if merge else ""
             result = ExportResult("copied", source, stored_parameter_count(staging), _stored_dtype(staging), out, note)
         ckpt.write_template(staging, source.template)
-        if os.path.isdir(out):
-            shutil.rmtree(out)  # empty, or --overwrite (checked above)
-        os.rename(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return result
 
 

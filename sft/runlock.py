@@ -1,5 +1,5 @@
-"""One run per output folder: an advisory lock on ``<output_dir>/.run.lock``, a writability check, and the removal
-of staging folders that dead processes left behind. Pure file operations; the caller decides which process runs them.
+"""One run per output folder: an advisory lock on ``<output_dir>/.run.lock`` and a writability check (the staging
+folders dead processes left behind are sft/staging.py's). Pure file operations; the caller decides which process runs them.
 
 The lock is ``flock(2)`` on an open file: the kernel drops it when the holding process ends, however it ends
 (SIGKILL included), so a killed run never blocks the next one. The file names its holder (host, pid, start time)
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
-import shutil
 import socket
 import tempfile
 import time
@@ -21,7 +19,6 @@ from typing import IO, Optional
 from sft.errors import UserError
 
 LOCK_FILE = ".run.lock"
-_STAGING = re.compile(r"\.tmp-(?P<host>.+)-(?P<pid>\d+)$")
 
 
 class OutputDirError(UserError):
@@ -79,34 +76,3 @@ class RunLock:
 
     def __exit__(self, *_) -> None:
         self.release()
-
-
-def staging_path(final: str) -> str:
-    """Where a folder is written before it is renamed to ``final``: beside it, named after this host and process,
-    so that ``remove_stale_staging`` can tell a dead writer's leftovers from a live one's work."""
-    return f"{final.rstrip(os.sep)}.tmp-{socket.gethostname()}-{os.getpid()}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def remove_stale_staging(parent: str) -> list[str]:
-    """Remove the staging folders in ``parent`` (``staging_path``: ``<name>.tmp-<host>-<pid>``) whose writer is a
-    dead process on this host; returns their names. Another host's are left alone: its processes cannot be seen
-    from here."""
-    removed = []
-    if not os.path.isdir(parent):
-        return removed
-    for entry in sorted(os.listdir(parent)):
-        match = _STAGING.search(entry)
-        if match and match["host"] == socket.gethostname() and not _alive(int(match["pid"])):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-            removed.append(entry)
-    return removed

@@ -1,13 +1,13 @@
 """The package's layers point one way: config -> data -> train -> export (imports inside functions count).
 
-The shared modules at the top of sft/ (errors, files, runlock, generation, cli) sit beside the layers: each layer
+The shared modules at the top of sft/ (errors, files, staging, runlock, generation, cli) sit beside the layers: each layer
 may use them, and they use nothing of a layer but config (cli parses the command line into a config)."""
 import ast
 import pathlib
 
 SFT = pathlib.Path(__file__).resolve().parents[1] / "sft"
 ORDER = ["config", "data", "train", "export"]   # each may import those before it, never those after
-SHARED = {"errors": set(), "files": set(), "runlock": {"errors", "files"}, "generation": set(),
+SHARED = {"errors": set(), "files": set(), "staging": set(), "runlock": {"errors", "files"}, "generation": set(),
           "cli": {"config", "errors"}}
 
 

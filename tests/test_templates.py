@@ -7,6 +7,7 @@ from sft.data.conversation import Conversation, FieldMapping
 from sft.data.encoding import EncodeSettings
 from sft.data.pipeline import encode_split
 from sft.data.templates import TemplateRefused, get_template
+from sft.data.templates.native import NativeTemplate
 from tests.conftest import real_tokenizer, shared_path
 
 CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
@@ -76,6 +77,14 @@ def test_a_template_that_cannot_render_a_feature_refuses_the_row_by_name(tokeniz
         get_template(name, tokenizer).render(chat)
 
 
+class PrefixRenders(NativeTemplate):
+    """The reference for the one-render path: the native template with its stability probes answering no, so every
+    trained turn is found by a prefix render."""
+
+    def probe_stability(self):
+        return False, False
+
+
 def test_a_message_quoting_the_generation_header_is_rendered_the_exact_way():
     tokenizer = real_tokenizer("qwen2.5-instruct")
     template = get_template("native", tokenizer)
@@ -84,7 +93,7 @@ def test_a_message_quoting_the_generation_header_is_rendered_the_exact_way():
                 {"role": "assistant", "content": "It opens <|im_start|>assistant\n turns."},
                 {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Welcome."}]
     fast = template.render(conversation(messages))
-    slow = get_template("native", tokenizer, fast=False).render(conversation(messages))
+    slow = PrefixRenders.from_tokenizer(tokenizer).render(conversation(messages))
     assert [(s.text, s.spans) for s in fast] == [(s.text, s.spans) for s in slow]
     assert targets(fast[0]) == ["It opens <|im_start|>assistant\n turns.<|im_end|>", "Welcome.<|im_end|>"]
 
@@ -97,7 +106,7 @@ def test_one_render_path_equals_prefix_renders_on_real_data(tokenizer_name, data
     path = shared_path("datasets", dataset)
     settings = EncodeSettings(FieldMapping(messages_key=key), sequence_length=10**7, on_bad_sample="skip")
     fast = encode_split([path], get_template("native", tokenizer), tokenizer, settings)
-    slow = encode_split([path], get_template("native", tokenizer, fast=False), tokenizer, settings)
+    slow = encode_split([path], PrefixRenders.from_tokenizer(tokenizer), tokenizer, settings)
     assert fast.report == slow.report
     assert fast.dataset["input_ids"] == slow.dataset["input_ids"] and fast.dataset["labels"] == slow.dataset["labels"]
 

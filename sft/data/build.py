@@ -25,7 +25,7 @@ from sft.data.conversation import FieldMapping
 from sft.errors import ConfigError, DataError
 from sft.data.encoding import EncodeSettings
 from sft.data.pipeline import encode_split
-from sft.runlock import remove_stale_staging, staging_path
+from sft.staging import atomic_dir
 from sft.data.sources import source_fingerprint
 from sft.data.templates import get_template
 
@@ -168,12 +168,8 @@ def build_encoded(config: SFTConfig, out_dir: Optional[str] = None, tokenizer=No
     template = get_template(config.template_name(), tokenizer)
     settings = encode_settings(config)
     data = config.sft_train.data_args
-    remove_stale_staging(os.path.dirname(os.path.abspath(out_dir)))  # what killed encodings left behind
-    staging = staging_path(out_dir)
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
     reports = {}
-    try:
+    with atomic_dir(out_dir) as staging:  # a killed encoding leaves nothing in out_dir; its staging is removed later
         moves = []  # (rejects file in staging, the configured rejects_file): moved once every split succeeded
         for split, files in splits(config).items():
             rejects_path = os.path.join(staging, f"rejects-{split}.jsonl")
@@ -199,12 +195,6 @@ def build_encoded(config: SFTConfig, out_dir: Optional[str] = None, tokenizer=No
                 "pretrain": config.pretrain, "reports": reports}
         with open(os.path.join(staging, META_FILE), "w", encoding="utf-8") as handle:
             json.dump(meta, handle, indent=2)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-        os.rename(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir, meta, False
 
 

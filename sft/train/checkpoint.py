@@ -27,6 +27,7 @@ import shutil
 import struct
 from typing import Optional
 
+from sft.staging import move_into_place
 from sft.errors import ConfigError, UserError
 from sft.files import file_digest
 
@@ -200,9 +201,7 @@ def finish(output_dir: str, step: int, state: dict) -> str:
     with open(os.path.join(staging, COMPLETE), "w", encoding="utf-8") as handle:
         handle.write("ok\n")
     final = checkpoint_dir(output_dir, step)
-    if os.path.exists(final):  # an older save of the same step (e.g. after a resume): replace it
-        shutil.rmtree(final)
-    os.rename(staging, final)
+    move_into_place(staging, final)  # replaces an older save of the same step (e.g. after a resume)
     return final
 
 

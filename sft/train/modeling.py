@@ -122,17 +122,6 @@ def loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> tupl
     return result.loss_sum, result.targets
 
 
-def full_logits_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """The same sum from full logits (the textbook way); used by tests to check loss_sum."""
-    labels = batch["labels"]
-    inputs = {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
-    logits = model(**inputs, use_cache=False).logits[:, :-1]
-    targets = labels[:, 1:]
-    loss = F.cross_entropy(upcast(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((targets != IGNORE_INDEX).sum())
-
-
 def train_flops_per_token(config, parameter_count: int, mean_sample_length: float, target_fraction: float) -> float:
     """Model FLOPs per trained token: 6 x non-embedding parameters, plus attention (PaLM's 12 L d T), plus the
     output layer (6 V d) at the fraction of positions where it runs (only targets, see loss_sum)."""

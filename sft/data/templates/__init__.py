@@ -14,10 +14,10 @@ from sft.data.templates.render import ChatTemplate, Sample, TemplateError, Templ
 __all__ = ["ChatTemplate", "Sample", "TemplateError", "TemplateRefused", "get_template"]
 
 
-def get_template(name: str, tokenizer, fast: bool = True) -> ChatTemplate:
+def get_template(name: str, tokenizer) -> ChatTemplate:
     """The template called ``name`` for this tokenizer (``native`` reads the tokenizer's own)."""
     if name == "native":
-        return NativeTemplate.from_tokenizer(tokenizer, fast=fast)
+        return NativeTemplate.from_tokenizer(tokenizer)
     if name not in NAMED:
         raise TemplateError(f"unknown template {name!r}; choose one of native, {', '.join(NAMED)}")
     return named_template(name, tokenizer)

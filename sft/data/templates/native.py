@@ -51,13 +51,13 @@ class NativeTemplate(ChatTemplate):
 
     name = "native"
 
-    def __init__(self, chat_template: str, special_tokens: dict[str, Any], added_tokens: list[str], fast: bool = True):
+    def __init__(self, chat_template: str, special_tokens: dict[str, Any], added_tokens: list[str]):
         self._source = chat_template
         self._compiled = _compile(chat_template)
         self._kwargs = dict(special_tokens)
         self.end_of_turn = self._find_end_of_turn(sorted(added_tokens, key=len, reverse=True), special_tokens.get("eos_token"))
         self.header = self._find_header()
-        self.stable_turns, self.stable_last = self._probe_stability() if fast and self.header else (False, False)
+        self.stable_turns, self.stable_last = self.probe_stability() if self.header else (False, False)
         self.turn_stable = self.stable_turns
         self.features = self._probe_features()
 
@@ -69,7 +69,7 @@ class NativeTemplate(ChatTemplate):
         self._compiled = _compile(self._source)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, fast: bool = True) -> "NativeTemplate":
+    def from_tokenizer(cls, tokenizer) -> "NativeTemplate":
         chat_template = tokenizer.chat_template
         if isinstance(chat_template, dict):
             chat_template = chat_template.get("default")
@@ -79,7 +79,7 @@ class NativeTemplate(ChatTemplate):
                 "(sft_train.data_args.template: chatml, qwen2_5, qwen3, llama3, alpaca, base)"
             )
         added = [token for token in tokenizer.get_added_vocab()]
-        return cls(chat_template, tokenizer.special_tokens_map, added, fast=fast)
+        return cls(chat_template, tokenizer.special_tokens_map, added)
 
     def render_text(self, messages, tools=None, add_generation_prompt=False):
         # Reasoning is also offered as `thinking`, as apply_chat_template does for templates that read that name.
@@ -179,7 +179,7 @@ class NativeTemplate(ChatTemplate):
                 pass
         return frozenset(features)
 
-    def _probe_stability(self) -> tuple[bool, bool]:
+    def probe_stability(self) -> tuple[bool, bool]:
         """(every turn, the final turn): does the one-render path give the prefix renders' spans on the probes?"""
         every = final = True
         for messages, tools in _PROBES:
