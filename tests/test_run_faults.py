@@ -125,3 +125,34 @@ def test_a_save_that_fails_ends_the_run_with_one_error_and_keeps_the_last_good_c
     assert ckpt.verify(ckpt.checkpoint_dir(str(out), 4)) is None
     assert not (out / "sft_train" / ".tmp-checkpoint-8").exists()
     assert signal.getsignal(signal.SIGTERM) is handler  # the caller's handler is back: forked pools can end
+
+
+def test_an_in_process_run_leaves_the_environment_as_it_found_it(setup, tmp_path, monkeypatch):
+    """A one-process FSDP2 run sets torchrun's variables and Accelerate records its engine in os.environ; left
+    there, they would steer the next run in this process, or a process it starts (a DDP run on GPU would get the
+    earlier engine). After the run they are as before; the run's own FSDP2 engine was real."""
+    import importlib.util
+
+    from accelerate.state import AcceleratorState
+
+    from sft.config import load_config
+
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "RANK", "WORLD_SIZE", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    before = dict(os.environ)
+    spec = importlib.util.spec_from_file_location("train_script", f"{ROOT}/scripts/train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    root, config = setup
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        script.main(load_config(config, ["--output_dir", str(tmp_path / "out"), "--track_with", "none",
+                                         "--sft_train.training_args.max_steps", "1",
+                                         "--sft_train.strategy_args.strategy_name", "fsdp2_train"]))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert "strategy fsdp2_train" in (tmp_path / "out" / "logs" / "train.log").read_text()
+    changed = {name for name in set(before) | set(os.environ) if before.get(name) != os.environ.get(name)}
+    assert not changed & {"ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+                          "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}, changed

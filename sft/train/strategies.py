@@ -322,6 +322,23 @@ def apply_device_mapping(device_ids) -> None:
                           "set one of them")
 
 
+# What a run sets in os.environ for itself, put back by ``finish`` as the process started, so that a later run in this
+# process, or a process it starts, is not steered by it: Accelerate records an Accelerator's engine there and builds
+# a later Accelerator without a plugin from it (on GPU, a DDP run after a DeepSpeed one would get DeepSpeed), and
+# _single_process_group_env sets torchrun's variables. A launcher's values are there at start, so they stay.
+_LAUNCH_VARIABLES = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+                     "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_AT_START = {name: os.environ.get(name) for name in _LAUNCH_VARIABLES}
+
+
+def _restore_launch_variables() -> None:
+    for name, value in _AT_START.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def _single_process_group_env() -> None:
     """What a launcher sets for a group of one (torchrun's variables), so DeepSpeed and FSDP2 run alone too."""
     with socket.socket() as probe:
@@ -368,6 +385,7 @@ def finish(accelerator) -> None:
         accelerator.wait_for_everyone()
         if accelerator.num_processes == 1:
             dist.destroy_process_group()
+    _restore_launch_variables()
 
 
 def leave_after_finish(code=0) -> None:
