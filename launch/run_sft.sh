@@ -19,7 +19,7 @@ NPROC=$(SFT_ROOT="$ROOT" "$PYTHON" - "$CONFIG" "$@" <<'PY'
 import os, sys
 sys.path.insert(0, os.environ["SFT_ROOT"])
 from sft.config import load_config
-config = load_config(sys.argv[1], sys.argv[2:], check_paths=False)
+config = load_config(sys.argv[1], sys.argv[2:])
 ids = config.sft_train.device_ids()
 if ids is None:
     import torch
