@@ -20,7 +20,10 @@ from sft.config.specs import looks_like_hub_id, spec_problem
 from sft.errors import ConfigError
 
 ACCEPTABLE_CHANGES = ("data", "tokenizer", "template", "sequence_length", "packing")
-TRACKERS = ("tensorboard", "none")
+# Metrics trackers through Accelerate, and the package each needs (optional installs: requirements-trackers.txt).
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny", "trackio": "trackio"}
+# Keys of tracker_kwargs that are not a tracker's own options.
+TRACKER_SETTINGS = ("log_dir",)
 
 
 @with_config(SECTION)
@@ -64,10 +67,13 @@ class SFTConfig:
     """When set, overrides sft_train.data_args.template."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0 disables clipping."""
-    track_with: str = "tensorboard"
-    """Metrics tracker: tensorboard or none."""
+    track_with: Names = field(default_factory=lambda: ["tensorboard"])
+    """Metrics trackers, any of tensorboard, wandb, mlflow, trackio (e.g. [tensorboard, wandb]); none (or []) for
+    none. The project (wandb, trackio) or experiment (mlflow) is exp_name; the run's config is logged once."""
     tracker_kwargs: dict = field(default_factory=dict)
-    """Tracker options, e.g. {log_dir: ./output/tensorboard}."""
+    """Each tracker's options under its name, e.g. {wandb: {name: run-7, tags: [sft]}, mlflow: {run_name: run-7,
+    tracking_uri: file:./mlruns}, trackio: {name: run-7}}; log_dir: TensorBoard's folder (default
+    <logging_dir>/tensorboard). mlflow's tracking_uri defaults to $MLFLOW_TRACKING_URI, else <logging_dir>/mlruns."""
     resume_accept_changes: Names = field(default_factory=list)
     """What a resume may find changed since its checkpoint, of: data, tokenizer, template, sequence_length, packing
     (otherwise such a resume is refused, naming what changed)."""
@@ -100,11 +106,33 @@ class SFTConfig:
                               f"{self.sequence_length}, got {data.pad_to_multiple_of}")
         for change in self.resume_accept_changes:
             check_choice("resume_accept_changes", change, ACCEPTABLE_CHANGES)
-        check_choice("track_with", self.track_with, TRACKERS)
+        self.check_trackers()
         for name in ("sequence_length", "save_steps", "logging_steps", "eval_steps"):
             check_at_least_one(name, getattr(self, name))
         if self.max_grad_norm < 0:
             raise ConfigError(f"max_grad_norm: must not be negative (0 disables clipping), got {self.max_grad_norm}")
+
+    def trackers(self) -> list[str]:
+        """The trackers in force (track_with without "none")."""
+        return [name for name in self.track_with if name != "none"]
+
+    def check_trackers(self) -> None:
+        for name in self.track_with:
+            check_choice("track_with", name, tuple(TRACKERS) + ("none",))
+        if "none" in self.track_with and len(self.track_with) > 1:
+            raise ConfigError(f"track_with: none cannot be listed with trackers, got {self.track_with}")
+        for key, options in self.tracker_kwargs.items():
+            if key in TRACKER_SETTINGS:
+                continue
+            if key not in TRACKERS:
+                raise ConfigError(f"tracker_kwargs.{key}: not a tracker; give options under tensorboard, wandb, mlflow "
+                                  f"or trackio (or {', '.join(TRACKER_SETTINGS)})")
+            if key not in self.trackers():
+                raise ConfigError(f"tracker_kwargs.{key}: {key} is not in track_with {self.track_with}")
+            if not isinstance(options, dict):
+                raise ConfigError(f"tracker_kwargs.{key}: expected a mapping of {key}'s options, got {options!r}")
+            if "project" in options or "experiment_name" in options:
+                raise ConfigError(f"tracker_kwargs.{key}: the project (or experiment) is exp_name; set exp_name")
 
     def check_paths(self) -> None:
         """Fail, naming the field, when a configured input file or folder does not exist."""

@@ -3,7 +3,8 @@
 ``StepResult`` is one optimizer step summed over all processes (the worker returns it); ``MetricsWindow``
 sums the steps between two log lines and turns them into the logged scalars, token-weighted (the loss of a
 window is its summed token loss over its target tokens, not a mean of step means); ``RunLog`` writes them
-to TensorBoard, ``<logs>/metrics.jsonl`` and ``<logs>/train.log``.
+to the trackers (TensorBoard, Weights & Biases, MLflow, trackio through Accelerate), ``<logs>/metrics.jsonl``
+and ``<logs>/train.log``.
 
 A resumed run continues its own logs: metrics.jsonl keeps the entries up to the checkpoint's step and drops
 those the interrupted run wrote after it (they are trained again), and TensorBoard purges them from its view.
@@ -192,12 +193,17 @@ class RunLog:
             self.metrics.writelines(kept)
             self.metrics.flush()
             self.text = open(os.path.join(folder, "train.log"), "a" if resumed_at is not None else "w", encoding="utf-8")
-        if config.track_with != "none":
-            # purge_step: TensorBoard hides what earlier event files logged from this step on (an interrupted
-            # run's steps after its checkpoint, or an earlier run's steps in the same folder).
+        if config.trackers():
             start = 0 if resumed_at is None else resumed_at + 1
-            accelerator.init_trackers(config.exp_name, config=_flat(config),
-                                      init_kwargs={"tensorboard": {"purge_step": start}})
+            options = tracker_options(config, start)
+            uri = options.get("mlflow", {}).pop("tracking_uri", None)
+            if uri is not None and self.main:
+                import mlflow
+
+                if uri.startswith("file:"):  # MLflow 3 refuses its file store unless asked for it
+                    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+                mlflow.set_tracking_uri(uri)
+            accelerator.init_trackers(config.exp_name, config=_flat(config), init_kwargs=options)
 
     def line(self, message: str) -> None:
         if self.main:
@@ -211,6 +217,37 @@ class RunLog:
         if self.main:
             self.metrics.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
             self.metrics.flush()
+
+
+def tensorboard_dir(config) -> str:
+    return config.tracker_kwargs.get("log_dir", os.path.join(config.logs_dir(), "tensorboard"))
+
+
+def tracker_options(config, start: int) -> dict:
+    """Each tracker's init options: the config's tracker_kwargs, plus what the run decides. TensorBoard's
+    purge_step hides what earlier event files logged from ``start`` on (an interrupted run's steps after its
+    checkpoint, or an earlier run's in the same folder); mlflow's store is $MLFLOW_TRACKING_URI, else a file
+    store under the logs, MLflow's local store that needs no server or database (its tracking_uri is set by
+    RunLog, not passed on)."""
+    options = {name: dict(config.tracker_kwargs.get(name, {})) for name in config.trackers()}
+    if "tensorboard" in options:
+        options["tensorboard"].setdefault("purge_step", start)
+    if "mlflow" in options and "MLFLOW_TRACKING_URI" not in os.environ:
+        options["mlflow"].setdefault("tracking_uri", "file:" + os.path.abspath(os.path.join(config.logs_dir(), "mlruns")))
+    return options
+
+
+def require_trackers(config) -> None:
+    """Refuse, at start and naming the install, a tracker whose package is missing."""
+    import importlib.util
+
+    from sft.config.run import TRACKERS
+    from sft.errors import ConfigError
+
+    for name in config.trackers():
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"track_with: {name} is not installed; pip install {TRACKERS[name]} (all trackers: "
+                              "pip install -r requirements-trackers.txt), or leave it out of track_with")
 
 
 def _entries_up_to(path: str, step: int) -> list[str]:

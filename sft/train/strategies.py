@@ -30,6 +30,7 @@ from sft.train import checkpoint as ckpt
 from sft.config import SFTConfig
 from sft.errors import ConfigError
 from sft.config.strategy_options import OPTIONS, SKIPS_A_STEP
+from sft.train.metrics import require_trackers, tensorboard_dir
 
 
 class Strategy:
@@ -362,12 +363,12 @@ def build_accelerator(config: SFTConfig, strategy: Strategy):
     grouped = int(os.environ.get("WORLD_SIZE", "1")) > 1 or strategy.needs_process_group
     # On CPU the process group must be gloo (FACTS.md); a single DDP process needs none.
     handlers = [InitProcessGroupKwargs(backend="gloo")] if grouped and not on_gpu else []
-    log_dir = config.tracker_kwargs.get("log_dir", os.path.join(config.logs_dir(), "tensorboard"))
+    require_trackers(config)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.sft_train.training_args.gradient_accumulation_steps,
         kwargs_handlers=handlers,
-        log_with=config.track_with if config.track_with != "none" else None,
-        project_dir=log_dir,
+        log_with=config.trackers() or None,
+        project_dir=tensorboard_dir(config),
         **strategy.accelerator_kwargs(on_gpu),
     )
     strategy.check_engine(accelerator)
