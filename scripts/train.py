@@ -29,7 +29,8 @@ from sft.train import checkpoint as ckpt
 from sft.cli import run_script
 from sft.config import SFTConfig
 from sft.errors import UserError
-from sft.data.build import build_encoded, check_encoded_folder, format_report, load_tokenizer, tokenizer_fingerprint
+from sft.data.build import (build_encoded, check_encoded_folder, format_report, load_tokenizer, template_identity,
+                            tokenizer_fingerprint)
 from sft.train.loader import StepDataset, step_loader
 from sft.train.lora import describe as describe_adapter
 from sft.train.metrics import MFU, MetricsWindow, RunLog, RunTotals, device_peak_flops, step_line
@@ -71,7 +72,7 @@ def load_data(config: SFTConfig, accelerator, tokenizer):
         train, report = build_packed(train, config.sequence_length, data_args.packing_strategy)
         if accelerator.is_main_process:
             print(format_packing_report(report))
-    return train, validation, DataIdentity.of(meta, tokenizer_fingerprint(tokenizer), config.template_name(),
+    return train, validation, DataIdentity.of(meta, tokenizer_fingerprint(tokenizer), template_identity(config),
                                               config.sequence_length, packing_of(folder, config))
 
 
@@ -172,7 +173,7 @@ def fine_tune(config: SFTConfig, strategy, accelerator, notes: list[str]) -> dic
         fill = sum(train["length"]) / (len(train) * config.sequence_length)
         log.scalars(run.step, {"data/packing_fill_ratio": fill})
         log.line(f"packed rows: {len(train):,}, fill ratio {fill:.1%}")
-    template = get_template(config.template_name(), tokenizer)
+    template = get_template(config.template_name(), tokenizer, config.sft_train.data_args.chat_template_kwargs)
     prompts = config.validation.sample_prompts
     can_generate = bool(prompts) and not strategy.params_sharded and accelerator.is_main_process
     before = worker.answer(prompts, template, config.validation.max_new_tokens) if can_generate else []
@@ -189,6 +190,12 @@ def fine_tune(config: SFTConfig, strategy, accelerator, notes: list[str]) -> dic
     if run.step >= total_steps:
         log.line(f"nothing to train: the checkpoint is at step {run.step} of {total_steps}; raise "
                  "sft_train.training_args.max_steps (or num_train_epochs) to train further")
+    patience = args.early_stopping_patience
+    if patience and run.evaluations_since_best >= patience:
+        log.line(f"nothing to train: the run stopped early at step {run.step} ({run.evaluations_since_best} evaluations "
+                 f"without a lower val/loss than {run.best_val_loss:.4f} at step {run.best_step}); raise "
+                 "sft_train.training_args.early_stopping_patience to train further")
+        total_steps = run.step
     dataset = StepDataset(train, layout, rank, config.seed, per_epoch, worker.pad_id,
                           config.sft_train.data_args.pad_to_multiple_of)
     batches = iter(step_loader(dataset, run.step, total_steps, args.dataloader_num_workers))
@@ -212,14 +219,19 @@ def fine_tune(config: SFTConfig, strategy, accelerator, notes: list[str]) -> dic
             log.line(step_line(step, total_steps, values, result.skipped))
             window = MetricsWindow()
 
+        new_best = stop_early = False
         if validation is not None and (step % config.eval_steps == 0 or step == total_steps):
             val = worker.val_step(eval_shard(len(validation), rank, layout.processes, config.sft_train.infer_batch_size))
             totals.validated(val)
+            new_best = run.validated(val.loss)  # the same on every process: val.loss is summed over all
+            stop_early = 0 < patience <= run.evaluations_since_best
             log.scalars(step, {"val/loss": val.loss, "time/eval": val.seconds})
-            log.line(f"step {step:05d} | val loss {val.loss:.4f} over {val.tokens:,} tokens")
+            log.line(f"step {step:05d} | val loss {val.loss:.4f} over {val.tokens:,} tokens"
+                     + (" | best so far" if new_best else f" | best {run.best_val_loss:.4f} at step {run.best_step}"))
 
         stopping = worker.any_process("signal" in stop)
-        if step % config.save_steps == 0 or step == total_steps or stopping:
+        if (step % config.save_steps == 0 or step == total_steps or stopping or stop_early
+                or (new_best and args.keep_best)):
             folder, seconds = worker.do_checkpoint(run)
             totals.saved(step, seconds)
             log.scalars(step, {"time/checkpoint": seconds})
@@ -227,6 +239,10 @@ def fine_tune(config: SFTConfig, strategy, accelerator, notes: list[str]) -> dic
         if stopping:
             log.line(f"received {stop.get('signal', 'a stop request')} on some process: saved at step {step}; resume with "
                      "--resume_from_checkpoint true")
+            break
+        if stop_early:
+            log.line(f"early stop: {patience} evaluations without a lower val/loss than {run.best_val_loss:.4f} at step "
+                     f"{run.best_step}; saved at step {step}. The best checkpoint: {config.output_dir}/best")
             break
     progress.close()
 

@@ -9,6 +9,8 @@ A ``--checkpoint`` / ``--model`` DIR names one model folder::
     <output_dir>/sft_train/checkpoint-<step>/        its <cluster_name>/: the one child folder holding config.json
                                                      or adapter_config.json (--cluster_name picks one of several)
     <output_dir>/  or  <output_dir>/sft_train/       that of the newest complete checkpoint
+    <output_dir>/best                                that of the checkpoint with the lowest validation loss
+                                                     (named in <output_dir>/sft_train/best.json)
 
 A model folder holds a whole model (config.json, safetensors) or a LoRA adapter (adapter_config.json, whose
 ``base_model_name_or_path`` names the base model folder), and the tokenizer and template.json (the chat
@@ -30,7 +32,7 @@ import math
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from sft.train import checkpoint as ckpt
@@ -78,6 +80,13 @@ def _refuse_incomplete(checkpoint: str, given: str, flag: str) -> None:
 
 def find_model_folder(path: str, cluster_name: Optional[str] = None, flag: str = "--checkpoint") -> str:
     """The model folder that ``path`` names (see the module docstring); ``flag`` names the option in errors."""
+    if os.path.basename(path.rstrip(os.sep)) == "best" and not os.path.exists(path):
+        output_dir = os.path.dirname(path.rstrip(os.sep)) or "."
+        best = ckpt.best_checkpoint(output_dir)
+        if best is None:
+            raise ExportError(f"{flag} {path}: no best checkpoint is recorded in {ckpt.checkpoints_root(output_dir)} "
+                              "(a run with validation data records one at each save: best.json)")
+        path = best
     if not os.path.isdir(path):
         raise ExportError(f"{flag} {path}: no such folder")
     if _is_model_folder(path):
@@ -116,6 +125,8 @@ class ModelSource:
     folder: str
     base: Optional[str]  # the base model of a LoRA adapter; None for a whole model
     template: str        # a name for sft.data.templates.get_template
+    template_switches: dict = field(default_factory=dict)  # its chat_template_kwargs
+    template_jinja: Optional[str] = None  # a Jinja-file template's text
 
     @property
     def adapter(self) -> bool:
@@ -134,10 +145,11 @@ class ModelSource:
 def model_source(folder: str, base: Optional[str] = None) -> ModelSource:
     """What ``folder`` holds; ``base`` overrides the base model an adapter's adapter_config.json names."""
     template = ckpt.saved_template(folder) or DEFAULT_TEMPLATE
+    switches, jinja = ckpt.saved_template_settings(folder)
     if not ckpt.is_adapter(folder):
         if base is not None:
             raise ExportError(f"--base {base}: {folder} is a whole model, not a LoRA adapter; drop --base")
-        return ModelSource(folder, None, template)
+        return ModelSource(folder, None, template, switches, jinja)
     with open(os.path.join(folder, ckpt.ADAPTER_CONFIG), encoding="utf-8") as handle:
         recorded = json.load(handle).get("base_model_name_or_path")
     chosen = base or recorded
@@ -149,7 +161,7 @@ def model_source(folder: str, base: Optional[str] = None) -> ModelSource:
         where = "--base" if base else f"{ckpt.ADAPTER_CONFIG}'s base_model_name_or_path"
         raise ExportError(f"base model folder {chosen} (from {where}) does not exist; if the base has moved, give "
                           "its folder with --base DIR")
-    return ModelSource(folder, chosen, template)
+    return ModelSource(folder, chosen, template, switches, jinja)
 
 
 # ----- loading ----------------------------------------------------------------------------------------
@@ -164,8 +176,11 @@ def load_template(source: ModelSource, tokenizer, name: Optional[str] = None):
     """The chat template to prompt with: ``name``, else the one the folder records (native when none)."""
     from sft.data.templates import TemplateError, get_template
 
+    recorded = name is None or name == source.template
     name = name or source.template
     try:
+        if recorded:  # with the switches it was trained with (and a Jinja file's recorded text)
+            return get_template(name, tokenizer, source.template_switches, jinja=source.template_jinja)
         return get_template(name, tokenizer)
     except TemplateError as error:
         if name == DEFAULT_TEMPLATE and not tokenizer.chat_template:
@@ -284,7 +299,7 @@ def export(source: ModelSource, out: str, merge: bool, overwrite: bool = False) 
             shutil.copytree(source.folder, staging, dirs_exist_ok=True)
             note = "--merge: a full-weight checkpoint, nothing to merge" if merge else ""
             result = ExportResult("copied", source, stored_parameter_count(staging), _stored_dtype(staging), out, note)
-        ckpt.write_template(staging, source.template)
+        ckpt.write_template(staging, source.template, source.template_switches, source.template_jinja)
     return result
 
 

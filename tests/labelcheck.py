@@ -97,8 +97,13 @@ def read_source_rows(path: str) -> dict[int, dict | None]:
 class Renderer:
     """R(messages, tools, gen) and the end-of-turn marker E of one template, from HF or a plain formula."""
 
-    def __init__(self, name: str, tokenizer):
-        self.name, self.tokenizer = name, tokenizer
+    def __init__(self, name: str, tokenizer, switches=None):
+        # switches: chat_template_kwargs, given to apply_chat_template; a Jinja file is given as its chat_template.
+        self.name, self.tokenizer, self.switches = name, tokenizer, dict(switches or {})
+        if name.endswith((".jinja", ".j2")):
+            with open(name, encoding="utf-8") as handle:
+                self.switches["chat_template"] = handle.read()
+            name = "native"
         if name in REFERENCE_TOKENIZERS:
             from tests.conftest import real_tokenizer
 
@@ -112,7 +117,7 @@ class Renderer:
         elif name == "llama3":
             self.end_of_turn = "<|eot_id|>"
         elif name == "native":
-            source = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+            source = self.switches.get("chat_template") or (tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else "")
             markers = [marker for marker in ("<|im_end|>", "<|eot_id|>") if marker in source]
             assert len(markers) == 1, "labelcheck: cannot tell the end-of-turn marker of this tokenizer's template"
             self.end_of_turn = markers[0]
@@ -125,7 +130,7 @@ class Renderer:
             return self._formula(messages, add_generation_prompt)
         # apply_chat_template gets copies: the check must not depend on whether it edits its input.
         text = self.reference.apply_chat_template(copy.deepcopy(messages), tools=copy.deepcopy(tools), tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+                                                  add_generation_prompt=add_generation_prompt, **self.switches)
         if self.name == "llama3":
             # The old Llama-3 template writes an assistant header after every conversation, asked or not; the
             # named template writes it only as the generation prompt.
@@ -253,14 +258,14 @@ def _row_key(source: str) -> tuple[str, str]:
 
 
 def check_encoded(dataset, files, mapping: FieldMapping, name, tokenizer, loss_on_turns="all",
-                  train_on_reasoning=True) -> Checked:
+                  train_on_reasoning=True, switches=None) -> Checked:
     """Check every sample of an encoded dataset against its source row; asserts on the first difference.
 
     Per kept source row, the set of samples must be exactly the expected one (none missing, none extra); per
     sample, the decoded ids must be the expected text, every label must be -100 or its input id, and the
     decoded supervised runs must be exactly the expected targets.
     """
-    renderer = Renderer(name, tokenizer)
+    renderer = Renderer(name, tokenizer, switches)
     raw = {}
     for path in files:
         for number, row in read_source_rows(path).items():

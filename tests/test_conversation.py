@@ -2,6 +2,7 @@
 and a clear reason for every row that cannot be mapped (guarantee 7)."""
 
 import json
+import re
 
 import pytest
 
@@ -159,3 +160,76 @@ def test_weight_and_train_flags_make_a_turn_context_and_unknown_keys_are_named()
 def test_bad_rows_say_why(row, mapping, reason):
     with pytest.raises(BadSample, match=reason):
         conversation_from_row(row, mapping)
+
+
+# ----- Issue 17: reasoning given twice, thinking parts, custom calls, notes, TRL's prompt/completion --------
+
+@pytest.mark.parametrize("message, where", [
+    ({"role": "assistant", "content": "<think>R</think>A", "reasoning_content": "R"}, "a <think> block in its content"),
+    ({"role": "assistant", "content": "R</think>\n\nA", "reasoning_content": "R"}, "its content before a '</think>' tag"),
+    ({"role": "assistant", "content": "A", "reasoning": "R", "reasoning_content": "R"}, "'reasoning_content' and in 'reasoning'"),
+    ({"role": "assistant", "content": [{"type": "thinking", "thinking": "R"}, {"type": "text", "text": "A"}],
+      "reasoning_content": "R"}, "content parts of type reasoning/thinking and in 'reasoning_content'"),
+    ({"from": "gpt", "value": "<think>R</think>A", "thinking": "R"}, "a <think> block in its value"),
+])
+def test_reasoning_given_twice_is_a_bad_row(message, where):
+    with pytest.raises(BadSample, match=r"messages\[1\] gives its reasoning twice, in .*" + re.escape(where)):
+        conversation_from_row({"messages": [user(), message]}, MULTI)
+
+
+def test_anthropic_thinking_parts_are_reasoning():
+    parts = [{"type": "thinking", "thinking": "First.", "signature": "sig"}, {"type": "text", "text": "A"},
+             {"type": "thinking", "thinking": "Second."}]
+    message = conversation_from_row({"messages": [user(), {"role": "assistant", "content": parts}]}, MULTI).messages[1]
+    assert message == {"role": "assistant", "content": "A", "reasoning_content": "First.\n\nSecond."}
+
+
+def test_custom_tool_calls_are_kept_for_the_template_to_judge():
+    custom = {"id": "c1", "type": "custom", "custom": {"name": "shell", "input": "ls"}}
+    message = conversation_from_row({"messages": [user(), {"role": "assistant", "content": None, "tool_calls": [custom]}]},
+                                    MULTI).messages[1]
+    assert message["tool_calls"] == [custom]
+    with pytest.raises(BadSample, match=r"messages\[1\]\.tool_calls\[0\] is a custom tool call \(type custom\) with no"):
+        conversation_from_row({"messages": [user(), {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "custom", "custom": {"input": "ls"}}]}]}, MULTI)
+
+
+def test_odd_but_trainable_rows_carry_notes():
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {}}}
+    tools = [{"type": "function", "function": {"name": "get_time"}}]
+    row = {"messages": [user(), {"role": "assistant", "content": "", "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": "call_2", "content": "rain"}, {"role": "assistant", "content": "Rain."},
+                        user("Thanks")], "tools": tools}
+    assert conversation_from_row(row, MULTI).notes == (
+        "a tool call names a function the row's tools do not offer",
+        "a tool result's tool_call_id matches no earlier tool call",
+        "the conversation ends on a user turn (kept as unsupervised context)")
+    assert conversation_from_row({"messages": [user(), {"role": "assistant", "content": "A"}]}, MULTI).notes == ()
+
+
+TRL_ROW = {"prompt": [{"role": "system", "content": "S"}, user("U1"), {"role": "assistant", "content": "A1"}, user("U2")],
+           "completion": [{"role": "assistant", "content": "A2"}], "tools": None}
+
+
+@pytest.mark.parametrize("mapping", [MULTI, FieldMapping(), FieldMapping(prompt_key="prompt", response_key="completion", query_key=None)])
+def test_trl_prompt_completion_rows_train_only_the_completion(mapping):
+    conversation = conversation_from_row(TRL_ROW, mapping)
+    assert [m["content"] for m in conversation.messages] == ["S", "U1", "A1", "U2", "A2"]
+    assert conversation.trained == [False, False, False, False, True] and conversation.ignored_keys == ()
+    assert mapping.missing_keys({"prompt", "completion", "tools"}) == {}
+    with pytest.raises(BadSample, match=r"field 'completion' \(the completion\) has no assistant message"):
+        conversation_from_row({**TRL_ROW, "completion": [user("more")]}, mapping)
+
+
+def test_missing_keys_still_names_what_other_rows_lack():
+    assert MULTI.missing_keys({"conversations"}) == {"messages": "messages_key"}
+    assert FieldMapping().missing_keys({"instruction", "output"}) == {"input": "query_key"}
+    # the default keys are there: the rows are single-turn even if they also have prompt and completion
+    assert FieldMapping().missing_keys({"instruction", "output", "prompt", "completion"}) == {"input": "query_key"}
+
+
+def test_a_call_to_an_unoffered_function_is_noted_also_when_the_row_ends_on_it():
+    row = {"messages": [user(), {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {}}]}]}
+    assert conversation_from_row(row, MULTI).notes == ("a tool call names a function the row's tools do not offer",)
+    row["tools"] = [{"name": "get_weather"}]
+    assert conversation_from_row(row, MULTI).notes == ()

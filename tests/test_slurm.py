@@ -98,13 +98,23 @@ def test_single_node_template(slurm, setup, tmp_path):  # noqa: F811
 def test_preemption_checkpoints_requeues_and_resumes(slurm, setup, tmp_path):  # noqa: F811
     root, config = setup
     out = tmp_path / "preempt"
-    job = start_long_run(slurm, config, out, steps=150, logged=3)
+    job = start_long_run(slurm, config, out, steps=40, logged=3)  # ~30 s of steps left when SIGTERM comes
     subprocess.run(["scancel", "--batch", "--signal=TERM", job], check=True, env=slurm)
+    # Slurm holds a requeued job until a begin time about two minutes on; start it as soon as it waits for that.
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        state, restarts = job_state(slurm, job)
+        if restarts >= 1 and state == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, capture_output=True)
+            break
+        if state not in ("RUNNING", "COMPLETING", "REQUEUED", "PENDING", "CONFIGURING"):
+            break
+        time.sleep(0.3)
     assert wait(slurm, job, timeout=600) == "COMPLETED", logs(out)[-5000:]
     _, restarts = job_state(slurm, job)
     text = logs(out)
     assert restarts >= 1 and "received SIGTERM" in text and "resumed from" in text, text[-5000:]
-    assert (out / "sft_train" / "checkpoint-150" / "COMPLETE").exists()
+    assert (out / "sft_train" / "checkpoint-40" / "COMPLETE").exists()
 
 
 def test_a_failing_node_fails_the_job_quickly_without_orphans(slurm, setup, tmp_path):  # noqa: F811

@@ -23,7 +23,7 @@ import re
 
 import pytest
 
-from sft.data.conversation import FieldMapping, conversation_from_row
+from sft.data.conversation import BadSample, FieldMapping, conversation_from_row
 from sft.data.encoding import EncodeError, EncodeSettings
 from sft.data.pipeline import encode_split
 from sft.data.templates import get_template
@@ -87,7 +87,7 @@ EXPECTED = {
     ("qwen2.5-instruct", "reason_tool_use"): (50, 0, 0, 0),
     ("qwen2.5-instruct", "fixtures"): (21, 14, 14, 0),
     ("qwen3", "glaive"): (300, 300, 957, 657),
-    ("qwen3", "reason_tool_use"): (50, 50, 90, 40),
+    ("qwen3", "reason_tool_use"): (50, 48, 88, 40),  # lines 6 and 7 give their reasoning twice (a </think> in the content)
     ("qwen3", "fixtures"): (21, 21, 40, 19),
     ("llama3", "glaive"): (300, 109, 109, 0),
     ("llama3", "reason_tool_use"): (50, 0, 0, 0),
@@ -128,7 +128,10 @@ def test_rows_a_template_cannot_render_are_rejected_by_name(tokenizer_name, temp
     kept = {source.partition("#")[0] for source in result.dataset["source"]}
     expected_rejects = 0
     for source, row in rows.items():
-        carried = features(conversation_from_row(row, mapping)) & refused
+        try:
+            carried = features(conversation_from_row(row, mapping)) & refused
+        except BadSample:  # a bad row whatever the template (reasoning given twice)
+            carried = {"a bad row"}
         assert (source in kept) == (not carried), f"{source} carries {carried or 'nothing refused'}"
         expected_rejects += bool(carried)
     assert result.report["rows_read"] - result.report["kept"] == expected_rejects
@@ -143,7 +146,7 @@ def test_rows_a_template_cannot_render_are_rejected_by_name(tokenizer_name, temp
 # on, and without: on glaive (no reasoning) qwen3 then trains exactly the tokens qwen2.5 trains.
 SUPERVISED_TOKENS = {
     ("qwen3", "glaive"): (94504, 90676),
-    ("qwen3", "reason_tool_use"): (29276, 9968),
+    ("qwen3", "reason_tool_use"): (27675, 9187),
     ("qwen3", "fixtures"): (1613, 1095),
     ("qwen2.5-instruct", "fixtures"): (825, 729),  # <think> in the content of 4 rows
 }
@@ -163,7 +166,7 @@ def test_reasoning_can_be_left_out_of_the_targets(tokenizer_name, template, data
 
 
 @pytest.mark.parametrize("tokenizer_name, template, dataset, counts", [
-    ("qwen3", "native", "reason_tool_use", (50, 50, 50, 0)),
+    ("qwen3", "native", "reason_tool_use", (50, 48, 48, 0)),
     ("qwen3", "qwen3", "fixtures", (21, 21, 21, 0)),
     # Reasoning on a context turn is still the row's: a template that cannot render it rejects the row.
     ("qwen2.5-instruct", "native", "fixtures", (21, 14, 14, 0)),

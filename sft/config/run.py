@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pydantic import with_config
 
 from sft.config.fields import SECTION, Names, OptionalText, Resume
-from sft.config.sections import TEMPLATES, ValidationConfig, WorkerConfig, check_at_least_one, check_choice
+from sft.config.sections import (TEMPLATES, ValidationConfig, WorkerConfig, check_at_least_one, check_choice,
+                                 check_template, is_jinja_file)
 from sft.config.specs import looks_like_hub_id, spec_problem
 from sft.errors import ConfigError
 
@@ -100,13 +101,21 @@ class SFTConfig:
         self.validation.check()
         data = self.sft_train.data_args
         if self.global_template is not None:
-            check_choice("global_template", self.global_template, TEMPLATES)
+            check_template("global_template", self.global_template)
+            if data.chat_template_kwargs and self.global_template in TEMPLATES and self.global_template != "native":
+                raise ConfigError(f"sft_train.data_args.chat_template_kwargs: template {self.global_template} "
+                                  "(global_template) is written in Python and takes no switches")
         if data.pad_to_multiple_of < 1 or self.sequence_length % data.pad_to_multiple_of:
             raise ConfigError(f"sft_train.data_args.pad_to_multiple_of: must be >= 1 and divide sequence_length "
                               f"{self.sequence_length}, got {data.pad_to_multiple_of}")
         for change in self.resume_accept_changes:
             check_choice("resume_accept_changes", change, ACCEPTABLE_CHANGES)
         self.check_trackers()
+        args = self.sft_train.training_args
+        for name in ("keep_best", "early_stopping_patience"):
+            if getattr(args, name) and not self.validation.data_args.file_name:
+                raise ConfigError(f"sft_train.training_args.{name}: ranks checkpoints by val/loss, but there is no "
+                                  "validation data; set validation.data_args.file_name")
         for name in ("sequence_length", "save_steps", "logging_steps", "eval_steps"):
             check_at_least_one(name, getattr(self, name))
         if self.max_grad_norm < 0:
@@ -140,6 +149,9 @@ class SFTConfig:
             raise ConfigError("pretrain: not set; give the model (or tokenizer) folder or hub id")
         if not os.path.exists(self.pretrain) and not looks_like_hub_id(self.pretrain):
             raise ConfigError(f"pretrain: folder not found: {self.pretrain}")
+        template = self.template_name()
+        if is_jinja_file(template) and not os.path.isfile(template):
+            raise ConfigError(f"sft_train.data_args.template: Jinja file not found: {template}")
         encoded = self.sft_train.data_args.encoded_path
         if encoded is not None and not os.path.isdir(os.path.join(encoded, "train")):
             raise ConfigError(f"sft_train.data_args.encoded_path: {encoded} has no train/ folder (write it with scripts/encode.py --out)")

@@ -14,6 +14,7 @@ from sft.config.strategy_options import check_strategy_args
 from sft.errors import ConfigError
 
 TEMPLATES = ("native", "qwen2_5", "qwen3", "chatml", "llama3", "base", "empty", "alpaca")
+JINJA_SUFFIXES = (".jinja", ".j2")  # a template setting ending so is a Jinja file
 OVERLONG_POLICIES = ("truncate", "drop", "error")
 BAD_SAMPLE_POLICIES = ("error", "skip")
 LOSS_ON_TURNS = ("all", "last")
@@ -34,7 +35,12 @@ class DataArgs:
     """Training data: .json (array of rows), .jsonl, .parquet files, a save_to_disk folder, a dataset folder or a
     Hub dataset id (org/name; pick a config and split with org/name?config=C&split=S)."""
     template: str = "native"
-    """Chat template: native (the tokenizer's own), qwen2_5, qwen3, chatml, llama3, base/empty, alpaca."""
+    """Chat template: native (the tokenizer's own), a Jinja file (a path ending .jinja or .j2, rendered like native),
+    or one written in Python: qwen2_5, qwen3, chatml, llama3, base/empty, alpaca."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Switches given to every render of a native or Jinja-file template (the labels, its load-time probes, the
+    generation prompts of sample prompts and scripts/chat.py), e.g. {enable_thinking: false} for Qwen3 or
+    {reasoning_effort: low} for gpt-oss; recorded in the encode cache key, the run state and the checkpoint."""
     preprocessing_num_workers: int = 1
     """Processes used to encode the data (datasets.map num_proc)."""
     overlong: str = "truncate"
@@ -58,7 +64,10 @@ class DataArgs:
 
     def check(self) -> None:
         prefix = "sft_train.data_args"
-        check_choice(f"{prefix}.template", self.template, TEMPLATES)
+        check_template(f"{prefix}.template", self.template)
+        if self.chat_template_kwargs and self.template in TEMPLATES and self.template != "native":
+            raise ConfigError(f"{prefix}.chat_template_kwargs: template {self.template} is written in Python and takes "
+                              "no switches; use template native (the tokenizer's own) or a Jinja file")
         check_choice(f"{prefix}.overlong", self.overlong, OVERLONG_POLICIES)
         check_choice(f"{prefix}.on_bad_sample", self.on_bad_sample, BAD_SAMPLE_POLICIES)
         check_choice(f"{prefix}.loss_on_turns", self.loss_on_turns, LOSS_ON_TURNS)
@@ -123,7 +132,13 @@ class TrainingArgs:
     adam_epsilon: float = 1e-8
     """AdamW epsilon."""
     save_total_limit: int = 0
-    """Keep only the newest this many checkpoints; 0 keeps all."""
+    """Keep only the newest this many checkpoints (and the keep_best best); 0 keeps all."""
+    keep_best: int = 0
+    """Also keep the this many checkpoints with the lowest val/loss, beside the save_total_limit newest; a new best
+    validation loss is saved at once (needs validation data; the best is named in <output_dir>/sft_train/best.json)."""
+    early_stopping_patience: int = 0
+    """Stop, with a checkpoint, after this many evaluations without a lower val/loss (0: never; needs validation
+    data)."""
     on_nan: str = "error"
     """A NaN/inf loss: error (stop, naming the step) or skip (drop that optimizer step; not with deepspeed_train)."""
 
@@ -143,8 +158,9 @@ class TrainingArgs:
             raise ConfigError(f"{prefix}.dataloader_num_workers: must not be negative, got {self.dataloader_num_workers}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"{prefix}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
-        if self.warmup_steps < 0 or self.save_total_limit < 0:
-            raise ConfigError(f"{prefix}.warmup_steps and save_total_limit must not be negative")
+        for name in ("warmup_steps", "save_total_limit", "keep_best", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name}: must not be negative, got {getattr(self, name)}")
 
 
 @with_config(SECTION)
@@ -281,6 +297,16 @@ def parse_device_mapping(value: Optional[str]) -> Optional[list[int]]:
     if not ids:
         raise ConfigError(f"sft_train.device_mapping: {value!r} names no device")
     return ids
+
+
+def is_jinja_file(template: str) -> bool:
+    """Does a template setting name a Jinja file (rather than a template by name)?"""
+    return template.endswith(JINJA_SUFFIXES)
+
+
+def check_template(name: str, value: str) -> None:
+    if not is_jinja_file(value):
+        check_choice(name, value, TEMPLATES + ("a Jinja file (.jinja, .j2)",))
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -21,6 +21,8 @@ import shutil
 from typing import Optional
 
 from sft.config import SFTConfig
+from sft.config.sections import is_jinja_file
+from sft.files import file_digest
 from sft.data.conversation import FieldMapping
 from sft.errors import ConfigError, DataError
 from sft.data.encoding import EncodeSettings
@@ -30,7 +32,8 @@ from sft.data.sources import source_fingerprint
 from sft.data.templates import get_template
 
 # Bump when the encoder's output for the same inputs changes, so old caches are not reused.
-ENCODER_VERSION = 2  # 2: tools, tool calls, reasoning, generation-faithful splits
+ENCODER_VERSION = 3  # 2: tools, tool calls, reasoning, generation-faithful splits; 3: bad-row rules (duplicate
+# keys, lone surrogates, reasoning twice), prompt/completion rows, notes
 META_FILE = "encode_meta.json"
 
 
@@ -90,7 +93,7 @@ def cache_key(config: SFTConfig, tokenizer) -> tuple[str, dict]:
         "encoder_version": ENCODER_VERSION,
         "sources": {split: [source_fingerprint(spec) for spec in specs] for split, specs in splits(config).items()},
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "template": config.template_name(),
+        "template": template_identity(config),
         "mapping": dataclasses.asdict(settings.mapping),
         "sequence_length": settings.sequence_length,
         "overlong": settings.overlong,
@@ -99,6 +102,18 @@ def cache_key(config: SFTConfig, tokenizer) -> tuple[str, dict]:
         "train_on_reasoning": settings.train_on_reasoning,
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest(), inputs
+
+
+def template_identity(config: SFTConfig) -> str:
+    """What the labels depend on in the template setting: the name alone for a plain template; with switches
+    (chat_template_kwargs) or a Jinja file, JSON of the name, the switches and the file's SHA-256."""
+    name, switches = config.template_name(), config.sft_train.data_args.chat_template_kwargs
+    if not switches and not is_jinja_file(name):
+        return name
+    parts = {"name": name, "switches": switches}
+    if is_jinja_file(name):
+        parts["jinja_sha256"] = file_digest(name)
+    return json.dumps(parts, sort_keys=True)
 
 
 def default_encoded_dir(config: SFTConfig, key: str) -> str:
@@ -126,7 +141,7 @@ def check_encoded_folder(config: SFTConfig, folder: str, tokenizer) -> dict:
                           "it was not written by scripts/encode.py or scripts/pack.py, so nothing says how it was encoded")
     recorded = meta.get("inputs", {})
     settings = encode_settings(config)
-    ours = {"tokenizer": tokenizer_fingerprint(tokenizer), "template": config.template_name(),
+    ours = {"tokenizer": tokenizer_fingerprint(tokenizer), "template": template_identity(config),
             "sequence_length": settings.sequence_length, "mapping": dataclasses.asdict(settings.mapping),
             "loss_on_turns": settings.loss_on_turns, "train_on_reasoning": settings.train_on_reasoning}
     packed_at = meta.get("packed_sequence_length")
@@ -165,7 +180,7 @@ def build_encoded(config: SFTConfig, out_dir: Optional[str] = None, tokenizer=No
     if os.path.exists(out_dir) and os.listdir(out_dir) and meta is None:
         raise ConfigError(f"out: {out_dir} exists and is not an encoded dataset; choose another --out")
 
-    template = get_template(config.template_name(), tokenizer)
+    template = get_template(config.template_name(), tokenizer, config.sft_train.data_args.chat_template_kwargs)
     settings = encode_settings(config)
     data = config.sft_train.data_args
     reports = {}
@@ -191,7 +206,7 @@ def build_encoded(config: SFTConfig, out_dir: Optional[str] = None, tokenizer=No
         for staged, final in moves:
             os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
             shutil.move(staged, final)
-        meta = {"cache_key": key, "inputs": inputs, "template": config.template_name(),
+        meta = {"cache_key": key, "inputs": inputs, "template": template_identity(config),
                 "pretrain": config.pretrain, "reports": reports}
         with open(os.path.join(staging, META_FILE), "w", encoding="utf-8") as handle:
             json.dump(meta, handle, indent=2)
@@ -206,6 +221,8 @@ def format_report(split: str, report: dict) -> str:
     for title in ("dropped", "rejected"):
         for reason, count in report[title].items():
             lines.append(f"  {title:<8} {count:>7,}  {reason}")
+    for note, count in report.get("notes", {}).items():
+        lines.append(f"  {'note':<8} {count:>7,}  {note}")
     if report["ignored_keys"]:
         lines.append("  ignored keys: " + ", ".join(f"{key} ({count:,} rows)" for key, count in report["ignored_keys"].items()))
     lines.append(f"  tokens {report['total_tokens']:,} | supervised {report['supervised_tokens']:,}"

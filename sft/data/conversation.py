@@ -7,23 +7,34 @@ a flag per message saying whether it is trained on, and the tools offered. Row s
   plus "\\n" + row[query_key] when that is non-empty, assistant = row[response_key];
 * multi-turn, when ``messages_key`` is set: row[messages_key] is a list of OpenAI messages
   (role/content) or ShareGPT turns (from/value: human/gpt/system/function_call/observation/...), told
-  apart per message.
+  apart per message;
+* prompt/completion (TRL's conversational layout): ``prompt`` and ``completion``, each a list of messages,
+  read as messages = prompt + completion with the prompt part context (never trained on, as TRL's
+  completion-only loss). Read so when the row has them instead of row[messages_key], or, with
+  ``messages_key`` unset, instead of row[prompt_key] and row[response_key], or when prompt_key and
+  response_key name two such lists.
 
 What messages may carry, in any of the forms seen in public data, and what they become:
 
     tool calls   tool_calls: [{"type": "function", "function": {"name", "arguments"}}] (or {"name",
                  "arguments"} items; the legacy function_call key; a ShareGPT function_call turn; content
-                 parts of type tool_call)  ->  tool_calls, arguments parsed from JSON strings to objects
-    reasoning    reasoning_content (or reasoning, thinking; content parts of type reasoning)
-                 ->  reasoning_content. A <think>...</think> block in the content is left to the template.
+                 parts of type tool_call)  ->  tool_calls, arguments parsed from JSON strings to objects.
+                 OpenAI's {"type": "custom", "custom": {"name", "input"}} calls are kept as they are; a
+                 template that cannot render them refuses the row.
+    reasoning    reasoning_content (or reasoning, thinking; content parts of type reasoning, or Anthropic's
+                 {"type": "thinking", "thinking": ...})  ->  reasoning_content. A <think>...</think> block
+                 in the content is left to the template. Reasoning given in two of these places (two keys,
+                 a key and a part, or either and a <think> block) is a bad row: a template would render both.
     tool results role tool / ShareGPT observation, with tool_call_id and name when present
     tools        row[tools_key]: a list of functions, or that list as a JSON string -> [{"type": "function",
                  "function": {...}}]
     weight/train weight: 0 or train: false on an assistant message makes it context (axolotl's convention)
 
 Null values count as absent (Parquet stores every key of every message). Keys that none of this reads are
-named in ``Conversation.ignored_keys`` and counted in the encode report. Problems with one row raise
-``BadSample(reason)``; problems with a whole file raise ``DataError`` naming the file (and line).
+named in ``Conversation.ignored_keys`` and counted in the encode report. What is odd but trainable (a tool
+result whose tool_call_id matches no call, a call to a function the row's tools do not offer, a conversation
+that ends on a user turn) is named in ``Conversation.notes`` and counted in the report too. Problems with one
+row raise ``BadSample(reason)``; problems with a whole file raise ``DataError`` naming the file (and line).
 """
 
 from __future__ import annotations
@@ -43,6 +54,11 @@ SHAREGPT_ROLES = {
     "function_call": "assistant",
     "observation": "tool", "tool": "tool", "function": "tool",
 }
+PROMPT_COMPLETION = ("prompt", "completion")  # TRL's conversational prompt/completion columns
+# Notes: odd but trainable rows, counted in the encode report (Conversation.notes).
+NOTE_UNMATCHED_RESULT = "a tool result's tool_call_id matches no earlier tool call"
+NOTE_UNOFFERED_CALL = "a tool call names a function the row's tools do not offer"
+NOTE_ENDS_ON = "the conversation ends on a {role} turn (kept as unsupervised context)"
 OPENAI_ROLES = {
     "system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool",
     "function": "tool",
@@ -87,6 +103,15 @@ class FieldMapping:
             keys[self.query_key] = "query_key"
         return keys
 
+    def missing_keys(self, seen: set[str]) -> dict[str, str]:
+        """The required keys (as required_keys) that no row has, given the keys ``seen`` in the first rows;
+        none when those rows are in the prompt/completion layout that conversation_from_row reads instead."""
+        missing = {key: field_name for key, field_name in self.required_keys().items() if key not in seen}
+        if missing and set(PROMPT_COMPLETION) <= seen and (self.messages_key is not None or (
+                self.prompt_key not in seen and self.response_key not in seen)):
+            return {}
+        return missing
+
 
 @dataclass
 class Conversation:
@@ -96,6 +121,7 @@ class Conversation:
     trained: list[bool]
     tools: Optional[list[dict]] = None
     ignored_keys: tuple[str, ...] = ()  # keys of the row or its messages that nothing reads ("messages[].weight")
+    notes: tuple[str, ...] = ()  # odd but trainable things about the row (NOTE_*), counted in the report
 
 
 # Message keys read here; anything else (with a non-null value) is reported as ignored.
@@ -144,11 +170,31 @@ def parse_tools(value: Any, what: str) -> Optional[list[dict]]:
     return tools
 
 
+def _custom_tool_call(value: dict, what: str) -> dict:
+    """OpenAI's custom tool call {"type": "custom", "custom": {"name", "input": free text}}, kept as it is."""
+    custom = value.get("custom")
+    if not isinstance(custom, dict) or not isinstance(custom.get("name"), str) or not custom["name"]:
+        raise BadSample(f"{what} is a custom tool call (type custom) with no custom.name")
+    text = custom.get("input")
+    text = "" if text is None else _text(text, f"{what}.custom.input")
+    call = {"type": "custom", "custom": {"name": custom["name"], "input": text}}
+    if isinstance(value.get("id"), str):
+        call["id"] = value["id"]
+    return call
+
+
+def call_name(call: dict) -> str:
+    """The name of the tool a call calls (a function call's or a custom call's)."""
+    return call["custom"]["name"] if call.get("type") == "custom" else call["function"]["name"]
+
+
 def _tool_call(value: Any, what: str) -> dict:
-    """One tool call as {"type": "function", "function": {"name", "arguments": object}}."""
+    """One tool call as {"type": "function", "function": {"name", "arguments": object}} (or a custom call)."""
     value = _json_value(value, what)
     if not isinstance(value, dict):
         raise BadSample(f"{what} is {_describe(value)}, expected an object with a name and arguments")
+    if value.get("type") == "custom":
+        return _custom_tool_call(value, what)
     function = value.get("function") if isinstance(value.get("function"), dict) else value
     name = function.get("name")
     if not isinstance(name, str) or not name:
@@ -180,6 +226,8 @@ def _content_parts(value: Any, what: str) -> tuple[str, list[str], list[dict]]:
             raise BadSample(f"{part_what} is {_describe(part)}, expected a content part object")
         kind = part.get("type")
         text = part.get("text") if part.get("text") is not None else part.get("value")
+        if kind == "thinking" and text is None:  # Anthropic: {"type": "thinking", "thinking": ..., "signature": ...}
+            text = part.get("thinking")
         if kind == "text" and isinstance(text, str):
             texts.append(text)
         elif kind in ("reasoning", "thinking") and isinstance(text, str):
@@ -187,8 +235,8 @@ def _content_parts(value: Any, what: str) -> tuple[str, list[str], list[dict]]:
         elif kind == "tool_call" and text is not None:
             calls += _tool_calls(text, part_what)
         else:
-            raise BadSample(f"{part_what} is a part of type {kind!r}; supported parts: text, reasoning, tool_call "
-                            f"(the part: {json.dumps(part, default=str)[:80]})")
+            raise BadSample(f"{part_what} is a part of type {kind!r}; supported parts: text, reasoning, thinking, "
+                            f"tool_call (the part: {json.dumps(part, default=str)[:80]})")
     return "".join(texts), reasoning, calls
 
 
@@ -198,8 +246,12 @@ def conversation_from_row(row: dict, mapping: FieldMapping, loss_on_turns: str =
     Assistant turns before the first user turn (a chat split mid-way) have no prompt and become context.
     With loss_on_turns='last' only the final trainable assistant turn is a target.
     """
-    ignored = {key for key, value in row.items() if key not in mapping.used_keys() and value is not None}
-    if mapping.messages_key is None:
+    split = _prompt_completion_keys(row, mapping)
+    used = mapping.used_keys() if split is None else {*split, mapping.system_key, mapping.tools_key} - {None}
+    ignored = {key for key, value in row.items() if key not in used and value is not None}
+    if split is not None:
+        messages = _prompt_completion(row, split, mapping, ignored)
+    elif mapping.messages_key is None:
         messages = _single_turn(row, mapping)
     else:
         messages = _multi_turn(row, mapping, ignored)
@@ -223,7 +275,54 @@ def conversation_from_row(row: dict, mapping: FieldMapping, loss_on_turns: str =
     if loss_on_turns == "last":
         last = max(i for i, flag in enumerate(trained) if flag)
         trained = [i == last for i in range(len(trained))]
-    return Conversation(messages, trained, tools, tuple(sorted(ignored)))
+    return Conversation(messages, trained, tools, tuple(sorted(ignored)), _notes(messages, tools))
+
+
+def _notes(messages: list[dict], tools: Optional[list[dict]]) -> tuple[str, ...]:
+    """What is odd about a trainable conversation, for the report (NOTE_*); each note once per row."""
+    notes = set()
+    if messages[-1]["role"] != "assistant":
+        notes.add(NOTE_ENDS_ON.format(role=messages[-1]["role"]))
+    call_ids: set[str] = set()
+    for message in messages:
+        if "tool_calls" in message:
+            offered = {tool["function"]["name"] for tool in tools or ()}
+            call_ids.update(call["id"] for call in message["tool_calls"] if "id" in call)
+            if any(call_name(call) not in offered for call in message["tool_calls"]):
+                notes.add(NOTE_UNOFFERED_CALL)
+        elif message["role"] == "tool" and "tool_call_id" in message and message["tool_call_id"] not in call_ids:
+            notes.add(NOTE_UNMATCHED_RESULT)
+    return tuple(sorted(notes)) if notes else ()
+
+
+def _is_message_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
+
+
+def _prompt_completion_keys(row: dict, mapping: FieldMapping) -> Optional[tuple[str, str]]:
+    """The (prompt, completion) keys when the row is in the prompt/completion layout (see the module docstring)."""
+    prompt, completion = PROMPT_COMPLETION
+    if mapping.messages_key is None and isinstance(row.get(mapping.response_key), list):
+        if _is_message_list(row.get(mapping.prompt_key)) and _is_message_list(row[mapping.response_key]):
+            return mapping.prompt_key, mapping.response_key
+    if completion not in row or not (_is_message_list(row.get(prompt)) and _is_message_list(row[completion])):
+        return None
+    if mapping.messages_key is not None:
+        return (prompt, completion) if row.get(mapping.messages_key) is None else None
+    return (prompt, completion) if mapping.prompt_key not in row and mapping.response_key not in row else None
+
+
+def _prompt_completion(row: dict, keys: tuple[str, str], mapping: FieldMapping, ignored: set[str]) -> list[dict]:
+    """messages = prompt + completion; the prompt's assistant turns are context, as in TRL's completion-only loss."""
+    prompt = [_message(turn, f"{keys[0]}[{index}]", ignored) for index, turn in enumerate(row[keys[0]])]
+    completion = [_message(turn, f"{keys[1]}[{index}]", ignored) for index, turn in enumerate(row[keys[1]])]
+    for message in prompt:
+        if message["role"] == "assistant":
+            message["_train"] = False
+    if not any(message["role"] == "assistant" for message in completion):
+        raise BadSample(f"field '{keys[1]}' (the completion) has no assistant message, so there is nothing to train on")
+    messages = prompt + completion
+    return _with_system(messages, row, mapping)
 
 
 def _single_turn(row: dict, mapping: FieldMapping) -> list[dict]:
@@ -278,9 +377,20 @@ def _message(turn: dict, what: str, ignored: set[str]) -> dict:
     for key in ("tool_calls", "function_call"):
         if key in present:
             calls += _tool_calls(present[key], f"{what}.{key}")
+    given = [f"{content_key} parts of type reasoning/thinking"] if reasoning else []
     for key in REASONING_KEYS:
         if key in present:
             reasoning.append(_text(present[key], f"{what}.{key}"))
+            given.append(f"'{key}'")
+    # A template writes the reasoning it is given as a think block and the content as it is; Qwen3's own split
+    # reads everything before a '</think>' in the content as reasoning, so either tag there is reasoning again.
+    if given and "<think>" in content:
+        given.append(f"a <think> block in its {content_key}")
+    elif given and "</think>" in content:
+        given.append(f"its {content_key} before a '</think>' tag")
+    if len(given) > 1:
+        raise BadSample(f"{what} gives its reasoning twice, in {given[0]} and in {given[1]}; a template would "
+                        "render both, one after the other. Keep one")
     if (calls or reasoning) and role != "assistant":
         feature = "tool calls" if calls else "reasoning"
         raise BadSample(f"{what} is a {role} message with {feature}; only assistant messages can have them")
@@ -315,6 +425,11 @@ def _multi_turn(row: dict, mapping: FieldMapping, ignored: set[str]) -> list[dic
         if not isinstance(turn, dict):
             raise BadSample(f"{what} is a {type(turn).__name__}, expected an object")
         messages.append(_message(turn, what, ignored))
+    return _with_system(messages, row, mapping)
+
+
+def _with_system(messages: list[dict], row: dict, mapping: FieldMapping) -> list[dict]:
+    """The row's system_key prompt put first, unless the conversation has its own system message."""
     if mapping.system_key is not None and row.get(mapping.system_key) is not None and messages[0]["role"] != "system":
         system = _text(row[mapping.system_key], f"field '{mapping.system_key}' (system_key)")
         if system.strip():

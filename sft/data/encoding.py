@@ -15,6 +15,7 @@ boundary); it is counted in the report as ``retokenized_at_boundary``.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -91,6 +92,7 @@ class EncodeCounts:
     dropped: Counter = field(default_factory=Counter)  # reason -> samples dropped by a policy
     rejected: Counter = field(default_factory=Counter)  # reason kind -> rows rejected as bad input
     ignored_keys: Counter = field(default_factory=Counter)  # "messages[].weight" -> rows that had it
+    notes: Counter = field(default_factory=Counter)  # odd but trainable (conversation.NOTE_*) -> rows kept with it
 
     def merge(self, other: "EncodeCounts") -> None:
         for name in ("rows_read", "rows_kept", "samples", "split_samples", "truncated", "retokenized",
@@ -99,6 +101,7 @@ class EncodeCounts:
         self.dropped.update(other.dropped)
         self.rejected.update(other.rejected)
         self.ignored_keys.update(other.ignored_keys)
+        self.notes.update(other.notes)
 
     def report(self, lengths) -> dict:
         """The split's report (a JSON-able dict, stored in encode_meta.json); ``lengths`` of the kept samples."""
@@ -113,6 +116,7 @@ class EncodeCounts:
             "dropped": dict(sorted(self.dropped.items())),
             "rejected": dict(sorted(self.rejected.items())),
             "ignored_keys": dict(sorted(self.ignored_keys.items())),
+            "notes": dict(sorted(self.notes.items())),
             "truncated": self.truncated,
             "retokenized_at_boundary": self.retokenized,
             "total_tokens": self.total_tokens,
@@ -147,7 +151,7 @@ def encode_rows(rows: list[SourceRow], template: ChatTemplate, backend, settings
     """
     counts = EncodeCounts(rows_read=len(rows))
     rejects: list[dict] = []
-    rendered = []  # (row, sample source, text, spans)
+    rendered = []  # (row, sample source, text, spans, is_split)
     for row in rows:
         if row.error is not None:
             _reject(row, row.error, settings, counts, rejects)
@@ -162,13 +166,20 @@ def encode_rows(rows: list[SourceRow], template: ChatTemplate, backend, settings
             raise EncodeError(f"{row.where}: {error}") from None
         for key in conversation.ignored_keys:
             counts.ignored_keys[key] += 1
+        for note in conversation.notes:
+            counts.notes[note] += 1
         for sample in samples:
             suffix = "" if sample.turn is None else f"#{sample.turn}"
             rendered.append((row, row.source + suffix, sample.text, sample.spans, sample.turn is not None))
 
+    try:
+        encodings = backend.encode_batch([text for _, _, text, _, _ in rendered], add_special_tokens=False)
+    except TypeError:  # the Rust tokenizer takes only valid Unicode: some text holds a lone surrogate
+        rendered = _without_unencodable(rendered, settings, counts, rejects)
+        encodings = backend.encode_batch([text for _, _, text, _, _ in rendered], add_special_tokens=False)
+
     columns: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "source": []}
     kept_rows = set()
-    encodings = backend.encode_batch([text for _, _, text, _, _ in rendered], add_special_tokens=False)
     for encoding, (row, source, text, spans, is_split) in zip(encodings, rendered):
         ids = encoding.ids
         labels = supervised_labels(encoding, spans)
@@ -203,6 +214,44 @@ def encode_rows(rows: list[SourceRow], template: ChatTemplate, backend, settings
         counts.supervised_tokens += supervised
     counts.rows_kept = len(kept_rows)
     return EncodedChunk(columns, counts, rejects)
+
+
+def _without_unencodable(rendered: list[tuple], settings: EncodeSettings, counts: EncodeCounts,
+                         rejects: list[dict]) -> list[tuple]:
+    """``rendered`` less the rows whose text is not valid Unicode (a lone surrogate, as a JSON ``\\ud800`` escape
+    gives), each rejected naming the field that holds it. Rare, so the row is mapped again here to name the field
+    (and to take back what it added to the counts), rather than keeping every conversation on the common path."""
+    bad = {}
+    for row, _, text, _, _ in rendered:
+        if id(row) not in bad and not _encodable(text):
+            bad[id(row)] = row
+    if not bad:
+        raise RuntimeError("the tokenizer refused a batch whose texts are all valid Unicode")  # a bug, not bad data
+    for row in bad.values():
+        conversation = conversation_from_row(row.value, settings.mapping, settings.loss_on_turns)
+        counts.ignored_keys.subtract(conversation.ignored_keys)
+        counts.notes.subtract(conversation.notes)
+        _reject(row, f"{_unencodable_field(conversation)} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), "
+                     "which is not Unicode text and cannot be tokenized", settings, counts, rejects)
+    counts.ignored_keys, counts.notes = +counts.ignored_keys, +counts.notes  # drop the keys counted down to 0
+    return [entry for entry in rendered if id(entry[0]) not in bad]
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unencodable_field(conversation) -> str:
+    """Where in a conversation the text that is not valid Unicode is, as 'message 2 content'."""
+    for index, message in enumerate(conversation.messages):
+        for key, value in message.items():
+            if not _encodable(json.dumps(value, ensure_ascii=False)):
+                return f"message {index} {key}"
+    return "the row's tools" if conversation.tools else "the rendered text"
 
 
 def reason_kind(reason: str) -> str:

@@ -9,6 +9,8 @@
                                                          the tokenizer, and template.json naming the run's template
         training_state/                                  optimizer, RNG states per rank (accelerate save_state);
                                                          weights only under DeepSpeed (else resumed from the HF model)
+    <output_dir>/sft_train/best.json                     the checkpoint with the lowest validation loss (run_state's
+                                                         val_loss), rewritten at each save; <output_dir>/best names it
 
 A checkpoint is written under ``.tmp-checkpoint-<step>`` and renamed, so a folder named
 ``checkpoint-<step>`` with ``COMPLETE`` was whole when written; its manifest tells whether it still is (a file
@@ -35,6 +37,7 @@ COMPLETE = "COMPLETE"
 MANIFEST = "MANIFEST.json"
 HASHED_UP_TO = 16 << 20  # files up to this size get a SHA-256 in the manifest (configs, run state, RNG states)
 STATE_FILE = "run_state.json"
+BEST_FILE = "best.json"  # in <output_dir>/sft_train/: the checkpoint with the lowest validation loss
 TRAINING_STATE = "training_state"
 TEMPLATE_FILE = "template.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -224,15 +227,61 @@ def read_state(checkpoint: str) -> dict:
     return state
 
 
-def rotate(output_dir: str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` complete checkpoints (keep <= 0 keeps all). Staging folders are left
-    alone: a save in progress is never touched (stale ones are removed at start, ``remove_staging``)."""
+def rotate(output_dir: str, keep: int, keep_best: int = 0) -> list[str]:
+    """Delete all but the newest ``keep`` complete checkpoints and the ``keep_best`` best by validation loss (keep
+    <= 0 keeps all), then record the best one. Staging folders are left alone: a save in progress is never touched
+    (stale ones are removed at start, ``remove_staging``)."""
     removed = []
     if keep > 0:
+        best = {path for _, _, path in ranked_by_validation(output_dir)[:keep_best]}
         for _, path in complete_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(os.path.basename(path))
+            if path not in best:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(os.path.basename(path))
+    record_best(output_dir)
     return removed
+
+
+def ranked_by_validation(output_dir: str) -> list[tuple[float, int, str]]:
+    """(validation loss, step, path) of every complete checkpoint saved at an evaluation, lowest loss first (the
+    earlier step first among equal losses)."""
+    ranked = []
+    for step, path in complete_checkpoints(output_dir):
+        try:
+            loss = read_state(path).get("val_loss")
+        except CheckpointError:
+            continue
+        if loss is not None:
+            ranked.append((loss, step, path))
+    return sorted(ranked)
+
+
+def record_best(output_dir: str) -> None:
+    """Write <output_dir>/sft_train/best.json naming the checkpoint with the lowest validation loss (none: remove
+    it). Written beside and renamed, so a reader never sees half of it."""
+    target = os.path.join(checkpoints_root(output_dir), BEST_FILE)
+    ranked = ranked_by_validation(output_dir)
+    if not ranked:
+        if os.path.exists(target):
+            os.remove(target)
+        return
+    loss, step, path = ranked[0]
+    staging = f"{target}.tmp-{os.getpid()}"
+    with open(staging, "w", encoding="utf-8") as handle:
+        json.dump({"checkpoint": os.path.basename(path), "step": step, "val_loss": loss}, handle, indent=2)
+    os.replace(staging, target)
+
+
+def best_checkpoint(output_dir: str) -> Optional[str]:
+    """The complete checkpoint that best.json names; None when none is recorded (or it is gone)."""
+    target = os.path.join(checkpoints_root(output_dir), BEST_FILE)
+    try:
+        with open(target, encoding="utf-8") as handle:
+            name = json.load(handle)["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    path = os.path.join(checkpoints_root(output_dir), str(name))
+    return path if is_complete(path) else None
 
 
 def remove_staging(output_dir: str) -> list[str]:
@@ -247,19 +296,36 @@ def remove_staging(output_dir: str) -> list[str]:
     return removed
 
 
-def write_template(model_folder: str, name: str) -> None:
-    """Record the chat template a model was trained with (a name for sft.data.templates.get_template)."""
+def write_template(model_folder: str, name: str, switches: Optional[dict] = None, jinja: Optional[str] = None) -> None:
+    """Record the chat template a model was trained with: a name for sft.data.templates.get_template, its switches
+    (chat_template_kwargs) and, for a Jinja-file template, the file's text (the path may be gone where the model
+    is used)."""
+    record = {"template": name}
+    if switches:
+        record["chat_template_kwargs"] = switches
+    if jinja is not None:
+        record["chat_template"] = jinja
     with open(os.path.join(model_folder, TEMPLATE_FILE), "w", encoding="utf-8") as handle:
-        json.dump({"template": name}, handle)
+        json.dump(record, handle)
+
+
+def _template_record(model_folder: str) -> dict:
+    path = os.path.join(model_folder, TEMPLATE_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
 
 
 def saved_template(model_folder: str) -> Optional[str]:
     """The template name a checkpoint's model folder was trained with; None when it records none."""
-    path = os.path.join(model_folder, TEMPLATE_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle).get("template")
+    return _template_record(model_folder).get("template")
+
+
+def saved_template_settings(model_folder: str) -> tuple[dict, Optional[str]]:
+    """The recorded template's switches and, for a Jinja-file template, its text."""
+    record = _template_record(model_folder)
+    return dict(record.get("chat_template_kwargs") or {}), record.get("chat_template")
 
 
 def is_adapter(model_folder: str) -> bool:

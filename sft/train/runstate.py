@@ -96,12 +96,29 @@ class RunState:
     """Non-pad tokens trained on."""
     epoch: float = 0.0
     """Epochs done: step / steps per epoch."""
+    val_loss: Optional[float] = None
+    """The validation loss evaluated at this step, if one was (a checkpoint's rank among the best)."""
+    best_val_loss: Optional[float] = None
+    """The lowest validation loss so far, at ``best_step``."""
+    best_step: int = 0
+    evaluations_since_best: int = 0
+    """Evaluations since the validation loss last improved (early stopping counts them)."""
 
     def advance(self, samples: int, tokens: int, steps_per_epoch: int) -> None:
         self.step += 1
         self.samples += samples
         self.tokens += tokens
         self.epoch = self.step / steps_per_epoch
+        self.val_loss = None
+
+    def validated(self, loss: float) -> bool:
+        """Record this step's validation loss; True when it is the lowest so far."""
+        self.val_loss = loss
+        if self.best_val_loss is None or loss < self.best_val_loss:
+            self.best_val_loss, self.best_step, self.evaluations_since_best = loss, self.step, 0
+            return True
+        self.evaluations_since_best += 1
+        return False
 
     def layout(self) -> str:
         return (f"{self.global_batch} ({self.processes} processes x per_device_train_batch_size {self.per_device_batch} "
@@ -126,7 +143,9 @@ class RunState:
     def continued_from(self, saved: "RunState") -> "RunState":
         """This run's layout, data and schedule, with the saved position and counters (and the saved warmup)."""
         return dataclasses.replace(self, step=saved.step, samples=saved.samples, tokens=saved.tokens, epoch=saved.epoch,
-                                   schedule=self.schedule.resumed_from(saved.schedule))
+                                   schedule=self.schedule.resumed_from(saved.schedule), val_loss=saved.val_loss,
+                                   best_val_loss=saved.best_val_loss, best_step=saved.best_step,
+                                   evaluations_since_best=saved.evaluations_since_best)
 
 
 def _describe(name: str, saved, now) -> str:

@@ -13,6 +13,7 @@ by accumulation steps (Accelerate, DeepSpeed) so the gradient is exactly d(sum o
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch
 
 from sft.train import checkpoint as ckpt
 from sft.config import SFTConfig
+from sft.config.sections import is_jinja_file
 from sft.errors import IGNORE_INDEX, UserError
 from sft.generation import conversation, generate_answer, stop_rule
 from sft.train.loader import StepBatch, collate_rows
@@ -63,6 +65,8 @@ class SFTWorker:
         self.model = self.optimizer = self.model_config = None
         self.router: Router | None = None  # an MoE model's router loss (sft/train/moe.py)
         self.parameter_count = self.active_parameter_count = 0  # active: what a token passes through (MoE)
+        template = config.template_name()  # a Jinja-file template's text goes into every checkpoint
+        self.template_text = pathlib.Path(template).read_text(encoding="utf-8") if is_jinja_file(template) else None
 
     # ----- initialize ------------------------------------------------------------------------------
     def initialize(self) -> "ModelInfo":
@@ -237,14 +241,16 @@ class SFTWorker:
                                                                      safe_serialization=True)
                 check_saved(folder)
                 self.tokenizer.save_pretrained(folder)
-                ckpt.write_template(folder, config.template_name())
+                ckpt.write_template(folder, config.template_name(), config.sft_train.data_args.chat_template_kwargs,
+                                    self.template_text)
         except OSError as error:
             failed = error
         self._stop_if_save_failed(failed, staging, last_good)
         try:
             if accelerator.is_main_process:
                 ckpt.finish(config.output_dir, state.step, state.to_json())
-                ckpt.rotate(config.output_dir, config.sft_train.training_args.save_total_limit)
+                args = config.sft_train.training_args
+                ckpt.rotate(config.output_dir, args.save_total_limit, args.keep_best)
         except OSError as error:
             failed = error
         self._stop_if_save_failed(failed, staging, last_good)

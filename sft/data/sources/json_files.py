@@ -21,9 +21,10 @@ BLOCK_BYTES = 8 << 20  # bytes read at a time from a .json array
 class JsonRowSource(RowSource):
     """A .json array of row objects or a .jsonl file, scanned once into an Arrow file of (row, line, text).
 
-    Rows are parsed (json.loads) only when read, by the process that reads them. A JSONL line that is not
-    a JSON object becomes a malformed row (rejected, or an error, by the on_bad_sample policy); a syntax
-    error in a .json array stops the scan with a DataError, since nothing after it can be trusted.
+    Rows are parsed only when read, by the process that reads them. A JSONL line that is not a JSON object,
+    and a row with a key twice in one object (JSON would keep the last value and drop the other silently),
+    become malformed rows (rejected, or an error, by the on_bad_sample policy); a syntax error in a .json
+    array stops the scan with a DataError, since nothing after it can be trusted.
     """
 
     def __init__(self, path: str, work_dir: Optional[str] = None, block_bytes: int = BLOCK_BYTES):
@@ -60,9 +61,13 @@ class JsonRowSource(RowSource):
             where = f"{self.path} line {line}" if self.jsonl else f"{self.path} row {row} (line {line})"
             source = f"{self.path}:{row}"
             try:
-                value = json.loads(text)
+                value = _ROW_DECODER.decode(text)
             except json.JSONDecodeError as error:  # only JSONL lines get here: the array scan checked its rows
                 rows.append(SourceRow(source, where, None, f"malformed JSON: {error.msg} (column {error.colno})", text))
+                continue
+            except DuplicateKey as error:
+                rows.append(SourceRow(source, where, None, f"duplicate key {error.key!r} in one JSON object (JSON keeps "
+                                      "only the last value, so the other would be lost); give each key once", text))
                 continue
             if not isinstance(value, dict):
                 rows.append(SourceRow(source, where, None, f"the record is a JSON {type(value).__name__}, expected an object", text))
@@ -88,8 +93,31 @@ class JsonRowSource(RowSource):
             self._own_dir = self._work_dir = None
 
 
+class DuplicateKey(ValueError):
+    """A JSON object gives one key twice."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen = set()
+        raise DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return value
+
+
+# Rows are parsed with the pairs of every object in hand, so that a key given twice is seen (a plain dict keeps the last).
+_ROW_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
 def iter_jsonl(path: str) -> Iterator[RawRow]:
-    """Every non-blank line of a .jsonl file, unparsed, one line in memory at a time."""
+    """Every non-blank line of a .jsonl file, unparsed, one line in memory at a time.
+
+    An empty file, and a JSON array (pretty-printed over lines, or on one line), raise DataError saying so.
+    """
     row = 0
     with _open_binary(path) as handle:
         for line_number, raw in enumerate(handle, start=1):
@@ -103,7 +131,27 @@ def iter_jsonl(path: str) -> Iterator[RawRow]:
             line = line.rstrip("\r\n")
             if line.strip():
                 row += 1
+                if row == 1:
+                    first_is_array = _check_not_an_array(path, line_number, line)
                 yield RawRow(row, line_number, line)
+    if row == 0:
+        raise DataError(f"{path}: the file is empty; expected JSON Lines, one row object per line")
+    if row == 1 and first_is_array:
+        raise DataError(f"{path}: this is a JSON array on one line, not JSON Lines (one row object per line); "
+                        "name the file .json")
+
+
+def _check_not_an_array(path: str, line_number: int, line: str) -> bool:
+    """Raise DataError when a .jsonl file's first line opens a JSON array spread over lines; True when the line
+    is a whole JSON array (then the file is an array on one line if nothing follows)."""
+    if not line.lstrip().startswith("["):
+        return False
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        raise DataError(f"{path} line {line_number}: this is a JSON array, not JSON Lines (one row object per line); "
+                        "name the file .json") from None
+    return True
 
 
 class _TextWindow:

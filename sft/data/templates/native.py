@@ -49,12 +49,12 @@ class NativeTemplate(ChatTemplate):
     (Qwen3), the one-render path serves conversations whose only target is the final message.
     """
 
-    name = "native"
-
-    def __init__(self, chat_template: str, special_tokens: dict[str, Any], added_tokens: list[str]):
+    def __init__(self, chat_template: str, special_tokens: dict[str, Any], added_tokens: list[str],
+                 switches: Optional[dict] = None, name: str = "native"):
+        self.name, self.switches = name, dict(switches or {})
         self._source = chat_template
         self._compiled = _compile(chat_template)
-        self._kwargs = dict(special_tokens)
+        self._kwargs = {**special_tokens, **self.switches}
         self.end_of_turn = self._find_end_of_turn(sorted(added_tokens, key=len, reverse=True), special_tokens.get("eos_token"))
         self.header = self._find_header()
         self.stable_turns, self.stable_last = self.probe_stability() if self.header else (False, False)
@@ -69,17 +69,37 @@ class NativeTemplate(ChatTemplate):
         self._compiled = _compile(self._source)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> "NativeTemplate":
+    def from_tokenizer(cls, tokenizer, switches: Optional[dict] = None) -> "NativeTemplate":
         chat_template = tokenizer.chat_template
         if isinstance(chat_template, dict):
             chat_template = chat_template.get("default")
         if not chat_template:
             raise TemplateError(
                 "template native: the tokenizer has no chat template; choose a named one "
-                "(sft_train.data_args.template: chatml, qwen2_5, qwen3, llama3, alpaca, base)"
+                "(sft_train.data_args.template: chatml, qwen2_5, qwen3, llama3, alpaca, base) or a Jinja file"
             )
+        return cls.from_text(chat_template, tokenizer, switches)
+
+    @classmethod
+    def from_file(cls, path: str, tokenizer, switches: Optional[dict] = None) -> "NativeTemplate":
+        """A Jinja chat template read from ``path``, with the tokenizer's special tokens."""
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise TemplateError(f"template {path}: cannot read the Jinja file ({error})") from None
+        return cls.from_text(text, tokenizer, switches, name=path)
+
+    @classmethod
+    def from_text(cls, chat_template: str, tokenizer, switches: Optional[dict] = None,
+                  name: str = "native") -> "NativeTemplate":
         added = [token for token in tokenizer.get_added_vocab()]
-        return cls(chat_template, tokenizer.special_tokens_map, added)
+        try:
+            return cls(chat_template, tokenizer.special_tokens_map, added, switches, name)
+        except TemplateError:
+            raise
+        except Exception as error:  # Jinja syntax errors
+            raise TemplateError(f"template {name}: not a valid Jinja chat template ({error})") from None
 
     def render_text(self, messages, tools=None, add_generation_prompt=False):
         # Reasoning is also offered as `thinking`, as apply_chat_template does for templates that read that name.
@@ -95,7 +115,7 @@ class NativeTemplate(ChatTemplate):
         user, reply = _PROBES[0][0]
         text = self.render_text([user, reply])
         if reply["content"] not in text:
-            raise TemplateError("template native: the chat template does not write the assistant's content verbatim")
+            raise TemplateError(f"template {self.name}: the chat template does not write the assistant's content verbatim")
         tail = text[text.index(reply["content"]) + len(reply["content"]):]
         for token in added_tokens:
             if token and tail.startswith(token):
@@ -103,7 +123,7 @@ class NativeTemplate(ChatTemplate):
         if eos and tail.lstrip().startswith(eos):
             return tail[: len(tail) - len(tail.lstrip()) + len(eos)]
         raise TemplateError(
-            "template native: no end-of-turn token follows the assistant's content in the chat template "
+            f"template {self.name}: no end-of-turn token follows the assistant's content in the chat template "
             f"(it writes {tail[:40]!r}); the model could not learn to stop. Choose a named template."
         )
 

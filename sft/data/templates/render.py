@@ -83,7 +83,8 @@ class ChatTemplate:
     name: str = ""
     end_of_turn: str = ""
     turn_stable: bool = True
-    features: frozenset = frozenset()  # what it renders, of: tools, tool_calls, reasoning
+    features: frozenset = frozenset()  # what it renders, of: tools, tool_calls, custom_tool_calls, reasoning
+    switches: dict = {}  # chat_template_kwargs of a Jinja template (read only; a template that takes them sets its own)
 
     def render_text(self, messages: list[dict], tools: Optional[list[dict]] = None,
                     add_generation_prompt: bool = False) -> str:
@@ -102,11 +103,17 @@ class ChatTemplate:
         if conversation.tools:
             found.append(("tools", "the row's tools (tools_key)"))
         for index, message in enumerate(conversation.messages):
-            if message.get("tool_calls"):
+            calls = message.get("tool_calls") or ()
+            if any(call.get("type") != "custom" for call in calls):
                 found.append(("tool_calls", f"the tool calls of message {index}"))
+            if any(call.get("type") == "custom" for call in calls):
+                found.append(("custom_tool_calls", f"custom tool calls (type custom, message {index})"))
             if message.get("reasoning_content"):  # a <think> block in the content is content to any template
                 found.append(("reasoning", f"the reasoning_content of message {index}"))
         for feature, what in found:
+            if feature == "custom_tool_calls" and feature not in self.features:
+                raise TemplateRefused(f"template {self.name} does not support {what}: it renders only function "
+                                      "tool calls; convert the call to a function call or leave the row out")
             if feature not in self.features:
                 choices = "qwen2_5 or qwen3" if feature != "reasoning" else "qwen3"
                 raise TemplateRefused(f"template {self.name} does not render {what}; use a template that does "
@@ -127,6 +134,12 @@ class ChatTemplate:
                 if local[index] is None:
                     prompt = self.generation_prompt(messages[:index], tools)
                     at = next((i for i, (a, b) in enumerate(zip(prompt, text)) if a != b), min(len(prompt), len(text)))
+                    if reasoning_of(messages[index]) and self.switches:
+                        # e.g. Qwen3 with enable_thinking: false: the prompt closes an empty think block.
+                        raise TemplateRefused(
+                            f"template {self.name} with chat_template_kwargs {self.switches} writes the think block "
+                            f"into the prompt, so assistant message {index}'s reasoning cannot be trained (drop the "
+                            "reasoning, or the switch for reasoning data)")
                     raise TemplateError(
                         f"template {self.name}: the prompt render before assistant message {index} is not a prefix of "
                         f"the render through it (they differ at character {at}: prompt has {prompt[at:at + 30]!r}, the "
@@ -161,7 +174,8 @@ class ChatTemplate:
             if answer and answer not in target:
                 raise TemplateRefused(f"template {self.name} does not render the content of assistant message {index}")
             for call in message.get("tool_calls", ()):
-                if call["function"]["name"] not in target:
+                name = call["custom"]["name"] if call.get("type") == "custom" else call["function"]["name"]
+                if name not in target:
                     raise TemplateRefused(f"template {self.name} does not render the tool calls of assistant message "
                                           f"{index}; choose a template with tool calling (native on a tool-calling "
                                           "model, qwen2_5, qwen3)")
