@@ -199,11 +199,12 @@ def other_command(script: str, tokenizer: str, data: str, *extra: str):
 
 
 def saved_rows(out: str) -> int:
-    """Rows in what a run saved: DIR/train for ours, DIR itself for the ROLL- and TRL-style scripts."""
-    import datasets
+    """Rows in what a run saved: DIR/train for ours (read with load_encoded), DIR itself for the ROLL- and
+    TRL-style scripts (save_to_disk folders, which load_encoded reads with load_from_disk)."""
+    from sft.data.pipeline import load_encoded
 
     split = os.path.join(out, "train")
-    return len(datasets.load_from_disk(split if os.path.isdir(split) else out))
+    return len(load_encoded(split if os.path.isdir(split) else out))
 
 
 def run_encoder(command, workdir: str, timeout=None, sample_memory: bool = False):

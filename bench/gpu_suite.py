@@ -686,14 +686,14 @@ def trl_worker(argv: list[str]) -> None:
     import importlib.util
 
     import torch
-    from datasets import load_from_disk
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from sft.data.pipeline import load_encoded
     from sft.train.metrics import peak_memory_bytes
 
     cuda = torch.cuda.is_available()
-    data = load_from_disk(os.path.join(args.encoded, "train")).select_columns(["input_ids", "labels"])
+    data = load_encoded(os.path.join(args.encoded, "train")).select_columns(["input_ids", "labels"])
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     counted: list[dict] = []  # per micro-batch, in collation order (the trainer takes them in that order)
 

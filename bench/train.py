@@ -124,16 +124,15 @@ def ours(config: str, work: str, name: str = "run") -> float:
 
 def batches(config_path: str, steps: int, batch: int):
     """The samples scripts/train.py takes at each step (same order function), collated the same way."""
-    from datasets import load_from_disk
-
     from sft.data.collate import pad_collate
     from sft.config import load_config
     from sft.data.build import build_encoded
+    from sft.data.pipeline import load_encoded
     from sft.train.sampler import Layout, epoch_order, step_micro_batches
 
     config = load_config(config_path, [])
     folder, _, _ = build_encoded(config, log=lambda *_: None)
-    data = load_from_disk(os.path.join(folder, "train"))
+    data = load_encoded(os.path.join(folder, "train"))
     layout = Layout(processes=1, micro_batch=batch, accumulation=1)
     per_epoch = layout.steps_per_epoch(len(data))
     out = []

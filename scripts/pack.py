@@ -30,12 +30,12 @@ class PackOptions:
 
 
 def main(config: SFTConfig, options: PackOptions) -> str:
-    from datasets import load_from_disk
+    from sft.data.pipeline import load_encoded
 
     data = config.sft_train.data_args
     source = data.encoded_path or build_encoded(config)[0]
     out = options.out or f"{source.rstrip(os.sep)}-packed-{data.packing_strategy}"
-    train = load_from_disk(os.path.join(source, "train"))
+    train = load_encoded(os.path.join(source, "train"))
     packed, report = build_packed(train, config.sequence_length, data.packing_strategy)
     with atomic_dir(out) as staging:  # a killed run leaves out as it was; its staging is removed by the next one
         packed.save_to_disk(os.path.join(staging, "train"))

@@ -40,6 +40,7 @@ from sft.train.runstate import DataIdentity, RunState, check_resume, packing_of
 from sft.train.sampler import Layout, eval_shard
 from sft.train.schedule import Schedule
 from sft.train.strategies import build_accelerator, finish, leave_after_finish, make_strategy
+from sft.data.pipeline import load_encoded
 from sft.data.templates import get_template
 from sft.train.worker import SFTWorker
 
@@ -49,8 +50,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # finish the step, save, exit 0
 def load_data(config: SFTConfig, accelerator, tokenizer):
     """The encoded train/validation datasets (from encoded_path, or encoded here once, main process first)
     and the identity of the training rows."""
-    from datasets import load_from_disk
-
     data_args = config.sft_train.data_args
     folder = data_args.encoded_path
     if folder is None:
@@ -62,9 +61,9 @@ def load_data(config: SFTConfig, accelerator, tokenizer):
                 print(format_report(split, report))
     else:  # checked against this run: tokenizer, template, sequence_length, field mapping, label settings
         meta = check_encoded_folder(config, folder, tokenizer)
-    train = load_from_disk(os.path.join(folder, "train"))
+    train = load_encoded(os.path.join(folder, "train"))
     val_path = os.path.join(folder, "validation")
-    validation = load_from_disk(val_path) if os.path.isdir(val_path) else None
+    validation = load_encoded(val_path) if os.path.isdir(val_path) else None
     if config.sft_train.use_sequence_packing and "position_ids" not in train.column_names:
         from sft.data.packing import build_packed, format_packing_report
 

@@ -220,14 +220,13 @@ def test_train_script_packed_equals_unpacked(train_script, tmp_path, family):
     """One step of all samples, padded and packed, with the defaults: the same loss, router loss and gradient norm
     (float32, relative 1e-5: float32's rounding over a few layers); the router loss moves the gradient and 0 turns
     it off."""
-    from datasets import load_from_disk
-
     from sft.data.packing import build_packed
+    from sft.data.pipeline import load_encoded
 
     write_run(tmp_path, family)
     padded = train_once(train_script, tmp_path)
     encoded = next((tmp_path / "out0" / "encoded").glob("*/train"))
-    rows = len(build_packed(load_from_disk(str(encoded)), 160, "bfd")[0])
+    rows = len(build_packed(load_encoded(str(encoded)), 160, "bfd")[0])
     assert rows < len(ROWS)
     packed = train_once(train_script, tmp_path, "--sft_train.use_sequence_packing", "true",
                         "--sft_train.training_args.per_device_train_batch_size", str(rows))

@@ -39,7 +39,7 @@ def setup(tmp_path, byte_tokenizer_dir):
 
 
 def test_encode_writes_splits_report_and_rejects(setup):
-    from datasets import load_from_disk
+    from sft.data.pipeline import load_encoded
 
     tmp_path, config = setup
     out = tmp_path / "enc"
@@ -47,10 +47,10 @@ def test_encode_writes_splits_report_and_rejects(setup):
     assert "[train] rows read 600 | kept 599" in result.stdout
     assert "rejected       1  empty response" in result.stdout
     assert "[validation] rows read 10 | kept 10" in result.stdout
-    train = load_from_disk(str(out / "train"))
+    train = load_encoded(str(out / "train"))
     assert len(train) == 599 and {"input_ids", "labels"} <= set(train.column_names)
     assert isinstance(train[0]["input_ids"][0], int)
-    assert len(load_from_disk(str(out / "validation"))) == 10
+    assert len(load_encoded(str(out / "validation"))) == 10
     rejects = [json.loads(line) for line in (out / "rejects-train.jsonl").read_text().splitlines()]
     assert len(rejects) == 1 and rejects[0]["source"].endswith("train.json:6") and "empty response" in rejects[0]["reason"]
     meta = json.loads((out / "encode_meta.json").read_text())
@@ -77,12 +77,12 @@ def test_second_run_reuses_the_cache_and_changed_inputs_do_not(setup):
 
 
 def test_two_workers_give_the_same_dataset(setup):
-    from datasets import load_from_disk
+    from sft.data.pipeline import load_encoded
 
     tmp_path, config = setup
     run_encode("--config_path", config, "--out", str(tmp_path / "w1"))
     run_encode("--config_path", config, "--out", str(tmp_path / "w2"), "--sft_train.data_args.preprocessing_num_workers", "2")
-    one, two = load_from_disk(str(tmp_path / "w1" / "train")), load_from_disk(str(tmp_path / "w2" / "train"))
+    one, two = load_encoded(str(tmp_path / "w1" / "train")), load_encoded(str(tmp_path / "w2" / "train"))
     assert one["input_ids"] == two["input_ids"] and one["labels"] == two["labels"] and one["source"] == two["source"]
 
 

@@ -254,6 +254,148 @@ def test_an_unknown_hub_id_is_a_data_error_naming_it():
         read_all("nosuch-org/nosuch-dataset")
 
 
+# ----- dataset folders of JSON files: our reader, file by file; what datasets gives back is checked -------
+
+def mixed_content_rows(count=6):
+    """Rows whose assistant content is a string in some rows and a list of parts in others (both valid)."""
+    return [{"messages": [{"role": "user", "content": f"question {i}"},
+                          {"role": "assistant", "content": f"hello {i}" if i % 2 == 0 else
+                           [{"type": "text", "text": f"hello {i}"}]}]} for i in range(count)]
+
+
+def test_a_folder_of_jsonl_with_mixed_content_types_encodes_like_the_file_itself(tmp_path, byte_tokenizer):
+    """datasets' JSON builder turns a column whose type varies into JSON strings: the folder trained on
+    '"hello 0"' with its quotes, exit 0. The folder's files are read by our reader instead."""
+    text = "\n".join(json.dumps(row) for row in mixed_content_rows()) + "\n"
+    folder = tmp_path / "chat"
+    direct = write(tmp_path, "chat.jsonl", text)
+    write(tmp_path, "chat/data.jsonl", text)
+    from_folder, from_file = encode([str(folder)], byte_tokenizer), encode([direct], byte_tokenizer)
+    assert from_folder.report["kept"] == 6
+    assert from_folder.dataset["input_ids"] == from_file.dataset["input_ids"]
+    assert from_folder.dataset["labels"] == from_file.dataset["labels"]
+    answer = [token for token in from_folder.dataset[0]["labels"] if token != -100]
+    assert byte_tokenizer.decode(answer).startswith("hello 0")
+    assert from_folder.dataset["source"][1] == f"{folder / 'data.jsonl'}:2"
+    assert read_all(str(folder))[1].where == f"{folder / 'data.jsonl'} line 2"
+
+
+def test_a_folder_of_json_files_with_different_columns_reads_each_file(tmp_path, byte_tokenizer):
+    """Two JSONL files with different columns made datasets raise DatasetGenerationError; each file is its own
+    source now, JSON Lines in a .json file included (datasets reads those as JSON Lines too)."""
+    from sft.data.sources import source_fingerprint
+
+    folder = tmp_path / "mixed"
+    write(tmp_path, "mixed/a.jsonl", json.dumps(chat("q a", "a a")) + "\n")
+    write(tmp_path, "mixed/b.jsonl", json.dumps({**chat("q b", "a b"), "id": 7}) + "\n")
+    write(tmp_path, "mixed/c.json", json.dumps(chat("q c", "a c")) + "\n" + json.dumps(chat("q d", "a d")) + "\n")
+    write(tmp_path, "mixed/d.json", json.dumps([chat("q e", "a e")], indent=1))
+    result = encode([str(folder)], byte_tokenizer)
+    assert result.report["kept"] == 5
+    assert result.dataset["source"] == [f"{folder / name}" for name in ("a.jsonl:1", "b.jsonl:1", "c.json:1", "c.json:2",
+                                                                          "d.json:1")]
+    rows = read_all(str(folder))
+    assert [row.where for row in rows][2:] == [f"{folder / 'c.json'} line 1", f"{folder / 'c.json'} line 2",
+                                               f"{folder / 'd.json'} row 1 (line 2)"]
+    first = source_fingerprint(str(folder))
+    os.utime(folder / "b.jsonl")
+    assert source_fingerprint(str(folder)) == first
+    write(tmp_path, "mixed/b.jsonl", json.dumps(chat("q b", "another")) + "\n")
+    assert source_fingerprint(str(folder)) != first
+
+
+def test_json_folders_choose_splits_and_refuse_what_they_cannot_read(tmp_path, byte_tokenizer):
+    write(tmp_path, "splits/train.jsonl", json.dumps(chat("q1", "a1")) + "\n")
+    write(tmp_path, "splits/test.jsonl", json.dumps(chat("q2", "a2")) + "\n")
+    assert [row.value for row in read_all(f"{tmp_path / 'splits'}?split=test")] == [chat("q2", "a2")]
+    with pytest.raises(DataError, match=r"no split 'validation'; the dataset has splits: train, test"):
+        read_all(f"{tmp_path / 'splits'}?split=validation")
+    (tmp_path / "packed").mkdir()
+    import gzip
+
+    with gzip.open(tmp_path / "packed" / "rows.jsonl.gz", "wt") as handle:
+        handle.write(json.dumps(chat("q", "a")) + "\n")
+    with pytest.raises(DataError, match=r"rows\.jsonl\.gz: only plain \.json and \.jsonl files are read"):
+        read_all(str(tmp_path / "packed"))
+
+
+def test_the_encode_script_trains_the_answer_of_a_mixed_folder_without_quotes(tmp_path):
+    """The reported bug, end to end: scripts/encode.py, the Qwen3 tokenizer, its own template."""
+    import subprocess
+    import sys
+
+    from sft.data.pipeline import load_encoded
+    from tests.conftest import ROOT, shared_path
+
+    tokenizer = shared_path("tokenizers", "qwen3")
+    write(tmp_path, "chat/data.jsonl", "\n".join(json.dumps(row) for row in mixed_content_rows(4)) + "\n")
+    config = write(tmp_path, "run.yaml", f"pretrain: {tokenizer}\noutput_dir: {tmp_path / 'out'}\nsequence_length: 512\n"
+                   f"messages_key: messages\nsft_train:\n  data_args:\n    file_name: {tmp_path / 'chat'}\n"
+                   "    template: native\n")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "encode.py"), "--config_path", config,
+                             "--out", str(tmp_path / "enc")], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")})
+    assert result.returncode == 0, result.stderr
+    from transformers import AutoTokenizer
+
+    qwen3 = AutoTokenizer.from_pretrained(tokenizer)
+    encoded = load_encoded(str(tmp_path / "enc" / "train"))
+    answers = [qwen3.decode([token for token in row["labels"] if token != -100]) for row in encoded]
+    assert [answer.split("</think>")[-1].strip() for answer in answers] == [f"hello {i}<|im_end|>" for i in range(4)]
+
+
+def test_a_saved_dataset_with_a_json_column_is_read_decoded(tmp_path, byte_tokenizer):
+    """datasets stores a Json feature (its answer to mixed types) as JSON text; its Arrow files read directly
+    gave '"hello 0"'. The rows are decoded by the dataset's own features."""
+    import datasets
+
+    rows = mixed_content_rows()
+    saved = datasets.Dataset.from_list(rows, on_mixed_types="use_json")
+    assert isinstance(saved.features["messages"].feature["content"], datasets.Json)
+    saved.save_to_disk(str(tmp_path / "saved"))
+    assert [row.value for row in read_all(str(tmp_path / "saved"))] == rows
+    jsonl = write(tmp_path, "rows.jsonl", "\n".join(json.dumps(row) for row in rows))
+    from_saved, from_file = encode([str(tmp_path / "saved")], byte_tokenizer), encode([jsonl], byte_tokenizer)
+    assert from_saved.dataset["labels"] == from_file.dataset["labels"]
+
+
+def test_media_columns_are_refused_by_name():
+    import datasets
+
+    from sft.data.sources.datasets_source import row_decoder
+
+    assert row_decoder(datasets.Features({"text": datasets.Value("string"),
+                                          "turns": datasets.List({"role": datasets.Value("string")})}), "d") is None
+    with pytest.raises(DataError, match=r"d: column 'picture' holds Image data, which cannot be read as rows of text"):
+        row_decoder(datasets.Features({"text": datasets.Value("string"), "picture": datasets.Image()}), "d")
+
+
+def test_parquet_folder_files_with_other_columns_are_named(tmp_path):
+    """datasets fails on them with 'An error occurred while generating the dataset', naming no file."""
+    write_parquet(tmp_path / "pq" / "a.parquet", [chat("q", "a")])
+    write_parquet(tmp_path / "pq" / "b.parquet", [{**chat("q", "a"), "id": 1}])
+    with pytest.raises(DataError, match=r"pq: .*b\.parquet has the columns messages, id but .*a\.parquet has messages;"):
+        read_all(str(tmp_path / "pq"))
+
+
+def test_rows_come_through_datasets_when_its_files_are_not_its_rows(tmp_path):
+    """A split slice (or an indices mapping) is not the Arrow files' rows in order: the public row check sees it."""
+    import datasets
+
+    from sft.data.sources.datasets_source import _same_rows
+
+    rows = [chat(f"q{i}", f"a{i}") for i in range(5)]
+    write_parquet(tmp_path / "org" / "data" / "train-00000-of-00001.parquet", rows)
+    assert [row.value for row in read_all(f"{tmp_path / 'org'}?split=train[1:3]")] == rows[1:3]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    loaded = datasets.load_from_disk(str(tmp_path / "saved"))
+    files = MappedArrowFiles([entry["filename"] for entry in loaded.cache_files], loaded.column_names)
+    assert _same_rows(files, loaded)
+    assert not _same_rows(files, loaded.shuffle(seed=1, keep_in_memory=True))
+    assert not _same_rows(files, loaded.select([0, 1, 2, 4, 3]))
+    files.close()
+
+
 def test_the_cache_key_follows_the_content_of_a_parquet_file(tmp_path, byte_tokenizer, byte_tokenizer_dir):
     from sft.config import load_config
     from sft.data.build import cache_key
@@ -333,10 +475,9 @@ def test_workers_end_when_the_caller_records_sigterm_instead_of_dying(tmp_path, 
 
 
 def test_the_encoded_folder_loads_with_datasets_also_in_several_files(tmp_path):
-    import datasets
     import pyarrow as pa
 
-    from sft.data.pipeline import DatasetFolderWriter, output_features
+    from sft.data.pipeline import SHARDS_FILE, DatasetFolderWriter, load_encoded, output_features
 
     writer = DatasetFolderWriter(str(tmp_path / "out"), output_features(), shard_bytes=1)
     schema = output_features().arrow_schema
@@ -344,9 +485,23 @@ def test_the_encoded_folder_loads_with_datasets_also_in_several_files(tmp_path):
         writer.write(pa.table({"input_ids": [[start], [start + 1, 5]], "labels": [[-100], [start + 1, 5]],
                                "length": [1, 2], "source": [f"x:{start}", f"x:{start + 1}"]}, schema=schema))
     assert writer.finish() == [f"data-0000{i}-of-00003.arrow" for i in range(3)]
-    loaded = datasets.load_from_disk(str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path / "out")) == [f"data-0000{i}-of-00003.arrow" for i in range(3)] + [SHARDS_FILE]
+    loaded = load_encoded(str(tmp_path / "out"))  # datasets' Dataset.from_file + concatenate_datasets, mapped
     assert loaded["source"] == [f"x:{i}" for i in range(6)] and loaded[3]["input_ids"] == [3, 5]
     assert loaded.features["input_ids"] == output_features()["input_ids"]
+    os.remove(tmp_path / "out" / "data-00001-of-00003.arrow")
+    with pytest.raises(DataError, match=r"data-00001-of-00003\.arrow listed in shards\.json is missing"):
+        load_encoded(str(tmp_path / "out"))
+
+
+def test_load_encoded_reads_save_to_disk_folders_too(tmp_path):
+    """scripts/pack.py writes its rows with Dataset.save_to_disk; load_encoded reads those with load_from_disk."""
+    import datasets
+
+    from sft.data.pipeline import load_encoded
+
+    datasets.Dataset.from_dict({"input_ids": [[1, 2]], "labels": [[-100, 2]]}).save_to_disk(str(tmp_path / "packed"))
+    assert load_encoded(str(tmp_path / "packed"))["labels"] == [[-100, 2]]
 
 
 def test_reading_mapped_rows_gives_the_pages_back(tmp_path):

@@ -251,12 +251,12 @@ def test_accumulation_and_ranks_give_the_same_update(setup, tmp_path):
 FRESH_LOSS = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
-from datasets import load_from_disk
+from sft.data.pipeline import load_encoded
 from transformers import AutoModelForCausalLM
 from sft.data.collate import pad_collate
 from sft.train.modeling import loss_sum
 {load}
-data = load_from_disk({data!r})
+data = load_encoded({data!r})
 total = count = 0
 with torch.no_grad():
     for start in range(0, len(data), 3):

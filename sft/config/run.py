@@ -62,6 +62,9 @@ class SFTConfig:
     """Row key holding the assistant response of single-turn rows."""
     messages_key: OptionalText = None
     """Row key holding a multi-turn conversation (OpenAI role/content or ShareGPT from/value); set it to use multi-turn rows."""
+    text_key: OptionalText = None
+    """Row key holding plain text trained on every token, with the tokenizer's eos after it (continued pretraining
+    before SFT; packed like any sample); a row without it is read as a conversation by the other keys."""
     tools_key: OptionalText = "tools"
     """Row key holding the tools offered to the model: a list of JSON-schema functions, or that list as a JSON string."""
     global_template: OptionalText = None

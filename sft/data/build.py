@@ -71,11 +71,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()
 
 
-def encode_settings(config: SFTConfig) -> EncodeSettings:
+def encode_settings(config: SFTConfig, tokenizer=None) -> EncodeSettings:
+    """How rows are encoded; ``tokenizer`` gives the eos written after plain-text rows (text_key)."""
     data = config.sft_train.data_args
+    text_end = (tokenizer.eos_token or "") if tokenizer is not None and config.text_key is not None else ""
     return EncodeSettings(mapping=FieldMapping.from_config(config), sequence_length=config.sequence_length,
                           overlong=data.overlong, on_bad_sample=data.on_bad_sample, loss_on_turns=data.loss_on_turns,
-                          train_on_reasoning=data.train_on_reasoning)
+                          train_on_reasoning=data.train_on_reasoning, text_end=text_end)
 
 
 def splits(config: SFTConfig) -> dict[str, list[str]]:
@@ -181,7 +183,7 @@ def build_encoded(config: SFTConfig, out_dir: Optional[str] = None, tokenizer=No
         raise ConfigError(f"out: {out_dir} exists and is not an encoded dataset; choose another --out")
 
     template = get_template(config.template_name(), tokenizer, config.sft_train.data_args.chat_template_kwargs)
-    settings = encode_settings(config)
+    settings = encode_settings(config, tokenizer)
     data = config.sft_train.data_args
     reports = {}
     with atomic_dir(out_dir) as staging:  # a killed encoding leaves nothing in out_dir; its staging is removed later
@@ -221,6 +223,8 @@ def format_report(split: str, report: dict) -> str:
     for title in ("dropped", "rejected"):
         for reason, count in report[title].items():
             lines.append(f"  {title:<8} {count:>7,}  {reason}")
+    if report.get("plain_text_rows"):
+        lines.append(f"  plain text {report['plain_text_rows']:>7,}  rows (text_key), every token trained")
     for note, count in report.get("notes", {}).items():
         lines.append(f"  {'note':<8} {count:>7,}  {note}")
     if report["ignored_keys"]:

@@ -39,11 +39,12 @@ row raise ``BadSample(reason)``; problems with a whole file raise ``DataError`` 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from sft.config import SFTConfig
+from sft.data.message_parts import (MESSAGE_KEYS, REASONING_KEYS, BadSample, call_name, content_parts, describe_value,
+                                    parse_tools, text_value, tool_calls)
 
 # ShareGPT speaker names -> chat roles. function_call is the assistant calling a tool; observation is the
 # tool's answer (LLaMA-Factory's glaive format).
@@ -65,14 +66,6 @@ OPENAI_ROLES = {
 }
 
 
-class BadSample(ValueError):
-    """One row is unusable; ``reason`` says why, ``field`` names the key or message at fault."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
 @dataclass(frozen=True)
 class FieldMapping:
     """Which row keys hold what (the seed's *_key config fields; defaults are SFTConfig's)."""
@@ -83,19 +76,21 @@ class FieldMapping:
     system_key: Optional[str] = SFTConfig.system_key
     messages_key: Optional[str] = SFTConfig.messages_key
     tools_key: Optional[str] = SFTConfig.tools_key
+    text_key: Optional[str] = SFTConfig.text_key
 
     @classmethod
     def from_config(cls, config) -> "FieldMapping":
         return cls(prompt_key=config.prompt_key, query_key=config.query_key, response_key=config.response_key,
-                   system_key=config.system_key, messages_key=config.messages_key, tools_key=config.tools_key)
+                   system_key=config.system_key, messages_key=config.messages_key, tools_key=config.tools_key,
+                   text_key=config.text_key)
 
     def used_keys(self) -> set[str]:
         """Row keys this mapping reads."""
         keys = {self.messages_key} if self.messages_key is not None else {self.prompt_key, self.response_key, self.query_key}
-        return {key for key in keys | {self.system_key, self.tools_key} if key is not None}
+        return {key for key in keys | {self.system_key, self.tools_key, self.text_key} if key is not None}
 
     def required_keys(self) -> dict[str, str]:
-        """Row key -> the config field that names it, for keys every row must have."""
+        """Row key -> the config field that names it, for keys every conversation row must have."""
         if self.messages_key is not None:
             return {self.messages_key: "messages_key"}
         keys = {self.prompt_key: "prompt_key", self.response_key: "response_key"}
@@ -105,7 +100,10 @@ class FieldMapping:
 
     def missing_keys(self, seen: set[str]) -> dict[str, str]:
         """The required keys (as required_keys) that no row has, given the keys ``seen`` in the first rows;
-        none when those rows are in the prompt/completion layout that conversation_from_row reads instead."""
+        none when those rows are in the prompt/completion layout that conversation_from_row reads instead, or
+        hold plain text (text_key: a source may hold plain text only)."""
+        if self.text_key is not None and self.text_key in seen:
+            return {}
         missing = {key: field_name for key, field_name in self.required_keys().items() if key not in seen}
         if missing and set(PROMPT_COMPLETION) <= seen and (self.messages_key is not None or (
                 self.prompt_key not in seen and self.response_key not in seen)):
@@ -124,120 +122,16 @@ class Conversation:
     notes: tuple[str, ...] = ()  # odd but trainable things about the row (NOTE_*), counted in the report
 
 
-# Message keys read here; anything else (with a non-null value) is reported as ignored.
-MESSAGE_KEYS = {"role", "content", "from", "value", "reasoning_content", "reasoning", "thinking", "tool_calls",
-                "function_call", "tool_call_id", "name", "weight", "train"}
-REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
-
-
-def _text(value: Any, what: str) -> str:
-    if value is None:
-        raise BadSample(f"{what} is null")
-    if not isinstance(value, str):
-        raise BadSample(f"{what} is a {type(value).__name__}, expected a string")
-    return value
-
-
-def _json_value(value: Any, what: str) -> Any:
-    """A value that may be given as JSON text: parsed, naming the field when the text is not JSON."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as error:
-        raise BadSample(f"{what} is not valid JSON: {error.msg} (column {error.colno})") from None
-
-
-def _describe(value: Any) -> str:
-    return "null" if value is None else f"a {type(value).__name__}"
-
-
-def parse_tools(value: Any, what: str) -> Optional[list[dict]]:
-    """Tools as [{"type": "function", "function": {"name", ...}}]; bare function schemas are wrapped."""
-    value = _json_value(value, what)
-    if value is None or value == []:
+def plain_text(row: dict, mapping: FieldMapping) -> Optional[str]:
+    """The row's plain text (text_key), trained on every token; None for a row to read as a conversation."""
+    if mapping.text_key is None or row.get(mapping.text_key) is None:
         return None
-    if not isinstance(value, list):
-        raise BadSample(f"{what} is {_describe(value)}, expected a list of tools")
-    tools = []
-    for index, tool in enumerate(value):
-        if not isinstance(tool, dict):
-            raise BadSample(f"{what}[{index}] is {_describe(tool)}, expected an object")
-        function = tool.get("function") if tool.get("type") == "function" or "function" in tool else tool
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-            raise BadSample(f"{what}[{index}] has no function name")
-        tools.append({"type": "function", "function": function})
-    return tools
-
-
-def _custom_tool_call(value: dict, what: str) -> dict:
-    """OpenAI's custom tool call {"type": "custom", "custom": {"name", "input": free text}}, kept as it is."""
-    custom = value.get("custom")
-    if not isinstance(custom, dict) or not isinstance(custom.get("name"), str) or not custom["name"]:
-        raise BadSample(f"{what} is a custom tool call (type custom) with no custom.name")
-    text = custom.get("input")
-    text = "" if text is None else _text(text, f"{what}.custom.input")
-    call = {"type": "custom", "custom": {"name": custom["name"], "input": text}}
-    if isinstance(value.get("id"), str):
-        call["id"] = value["id"]
-    return call
-
-
-def call_name(call: dict) -> str:
-    """The name of the tool a call calls (a function call's or a custom call's)."""
-    return call["custom"]["name"] if call.get("type") == "custom" else call["function"]["name"]
-
-
-def _tool_call(value: Any, what: str) -> dict:
-    """One tool call as {"type": "function", "function": {"name", "arguments": object}} (or a custom call)."""
-    value = _json_value(value, what)
-    if not isinstance(value, dict):
-        raise BadSample(f"{what} is {_describe(value)}, expected an object with a name and arguments")
-    if value.get("type") == "custom":
-        return _custom_tool_call(value, what)
-    function = value.get("function") if isinstance(value.get("function"), dict) else value
-    name = function.get("name")
-    if not isinstance(name, str) or not name:
-        raise BadSample(f"{what} has no name")
-    arguments = function.get("arguments", function.get("parameters", {}))
-    arguments = {} if arguments is None else _json_value(arguments, f"{what}.arguments")
-    if not isinstance(arguments, dict):
-        raise BadSample(f"{what}.arguments is {_describe(arguments)}, expected a JSON object")
-    call = {"type": "function", "function": {"name": name, "arguments": arguments}}
-    if isinstance(value.get("id"), str):
-        call["id"] = value["id"]
-    return call
-
-
-def _tool_calls(value: Any, what: str) -> list[dict]:
-    value = _json_value(value, what)
-    calls = value if isinstance(value, list) else [value]
-    return [_tool_call(call, f"{what}[{index}]" if isinstance(value, list) else what) for index, call in enumerate(calls)]
-
-
-def _content_parts(value: Any, what: str) -> tuple[str, list[str], list[dict]]:
-    """Content as (text, reasoning texts, tool calls): a string, or a list of typed parts."""
-    if not isinstance(value, list):
-        return _text(value, what), [], []
-    texts, reasoning, calls = [], [], []
-    for index, part in enumerate(value):
-        part_what = f"{what}[{index}]"
-        if not isinstance(part, dict):
-            raise BadSample(f"{part_what} is {_describe(part)}, expected a content part object")
-        kind = part.get("type")
-        text = part.get("text") if part.get("text") is not None else part.get("value")
-        if kind == "thinking" and text is None:  # Anthropic: {"type": "thinking", "thinking": ..., "signature": ...}
-            text = part.get("thinking")
-        if kind == "text" and isinstance(text, str):
-            texts.append(text)
-        elif kind in ("reasoning", "thinking") and isinstance(text, str):
-            reasoning.append(text)
-        elif kind == "tool_call" and text is not None:
-            calls += _tool_calls(text, part_what)
-        else:
-            raise BadSample(f"{part_what} is a part of type {kind!r}; supported parts: text, reasoning, thinking, "
-                            f"tool_call (the part: {json.dumps(part, default=str)[:80]})")
-    return "".join(texts), reasoning, calls
+    text = row[mapping.text_key]
+    if not isinstance(text, str):
+        raise BadSample(f"{mapping.text_key!r} (text_key) must be a string of plain text, got {type(text).__name__}")
+    if not text.strip():
+        raise BadSample(f"{mapping.text_key!r} (text_key) is empty")
+    return text
 
 
 def conversation_from_row(row: dict, mapping: FieldMapping, loss_on_turns: str = "all") -> Conversation:
@@ -331,17 +225,17 @@ def _single_turn(row: dict, mapping: FieldMapping) -> list[dict]:
         if key not in row:
             raise BadSample(f"missing key '{key}' ({field_name}); this row has keys: {', '.join(sorted(row)) or '(none)'}")
     if mapping.system_key is not None and mapping.system_key in row:
-        system = _text(row[mapping.system_key], f"field '{mapping.system_key}' (system_key)")
+        system = text_value(row[mapping.system_key], f"field '{mapping.system_key}' (system_key)")
         if system.strip():
             messages.append({"role": "system", "content": system})
-    prompt = _text(row[mapping.prompt_key], f"field '{mapping.prompt_key}' (prompt_key)")
+    prompt = text_value(row[mapping.prompt_key], f"field '{mapping.prompt_key}' (prompt_key)")
     if mapping.query_key is not None:
-        query = _text(row[mapping.query_key], f"field '{mapping.query_key}' (query_key)")
+        query = text_value(row[mapping.query_key], f"field '{mapping.query_key}' (query_key)")
         if query:
             prompt = prompt + "\n" + query
     if not prompt.strip():
         raise BadSample(f"empty prompt: field '{mapping.prompt_key}' (prompt_key) has no content")
-    response = _text(row[mapping.response_key], f"field '{mapping.response_key}' (response_key)")
+    response = text_value(row[mapping.response_key], f"field '{mapping.response_key}' (response_key)")
     if not response.strip():
         raise BadSample(f"empty response: field '{mapping.response_key}' (response_key) has no content")
     messages.append({"role": "user", "content": prompt})
@@ -369,18 +263,18 @@ def _message(turn: dict, what: str, ignored: set[str]) -> dict:
     if turn.get(content_key) is None and has_calls:
         content, reasoning, calls = "", [], []
     else:
-        content, reasoning, calls = _content_parts(turn.get(content_key), f"{what}.{content_key}")
+        content, reasoning, calls = content_parts(turn.get(content_key), f"{what}.{content_key}")
     if speaker.lower() == "function_call":  # ShareGPT: the value is the call itself, as JSON
-        calls += _tool_calls(content, f"{what}.{content_key}")
+        calls += tool_calls(content, f"{what}.{content_key}")
         content = ""
     message = {"role": role, "content": content}
     for key in ("tool_calls", "function_call"):
         if key in present:
-            calls += _tool_calls(present[key], f"{what}.{key}")
+            calls += tool_calls(present[key], f"{what}.{key}")
     given = [f"{content_key} parts of type reasoning/thinking"] if reasoning else []
     for key in REASONING_KEYS:
         if key in present:
-            reasoning.append(_text(present[key], f"{what}.{key}"))
+            reasoning.append(text_value(present[key], f"{what}.{key}"))
             given.append(f"'{key}'")
     # A template writes the reasoning it is given as a think block and the content as it is; Qwen3's own split
     # reads everything before a '</think>' in the content as reasoning, so either tag there is reasoning again.
@@ -400,7 +294,7 @@ def _message(turn: dict, what: str, ignored: set[str]) -> dict:
         message["reasoning_content"] = "\n\n".join(reasoning)
     for key in ("tool_call_id", "name"):
         if key in present:
-            message[key] = _text(present[key], f"{what}.{key}")
+            message[key] = text_value(present[key], f"{what}.{key}")
     weight = present.get("weight", 1)
     train = present.get("train", True)
     if weight not in (0, 1) or not isinstance(train, bool):
@@ -416,7 +310,7 @@ def _multi_turn(row: dict, mapping: FieldMapping, ignored: set[str]) -> list[dic
         raise BadSample(f"missing key '{key}' (messages_key); this row has keys: {', '.join(sorted(row)) or '(none)'}")
     turns = row[key]
     if not isinstance(turns, list):
-        raise BadSample(f"field '{key}' (messages_key) is {_describe(turns)}, expected a list of messages")
+        raise BadSample(f"field '{key}' (messages_key) is {describe_value(turns)}, expected a list of messages")
     if not turns:
         raise BadSample(f"field '{key}' (messages_key) is an empty conversation")
     messages = []
@@ -431,7 +325,7 @@ def _multi_turn(row: dict, mapping: FieldMapping, ignored: set[str]) -> list[dic
 def _with_system(messages: list[dict], row: dict, mapping: FieldMapping) -> list[dict]:
     """The row's system_key prompt put first, unless the conversation has its own system message."""
     if mapping.system_key is not None and row.get(mapping.system_key) is not None and messages[0]["role"] != "system":
-        system = _text(row[mapping.system_key], f"field '{mapping.system_key}' (system_key)")
+        system = text_value(row[mapping.system_key], f"field '{mapping.system_key}' (system_key)")
         if system.strip():
             messages.insert(0, {"role": "system", "content": system})
     return messages

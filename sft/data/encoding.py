@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from sft.config import DataArgs
-from sft.data.conversation import BadSample, FieldMapping, conversation_from_row
+from sft.data.conversation import BadSample, FieldMapping, conversation_from_row, plain_text
 from sft.errors import IGNORE_INDEX, UserError
 from sft.data.sources import SourceRow
 from sft.data.templates import ChatTemplate, TemplateError, TemplateRefused
@@ -41,6 +41,7 @@ class EncodeSettings:
     on_bad_sample: str = DataArgs.on_bad_sample  # error | skip
     loss_on_turns: str = DataArgs.loss_on_turns  # all | last
     train_on_reasoning: bool = DataArgs.train_on_reasoning
+    text_end: str = ""  # written after a plain-text row (text_key): the tokenizer's eos, so a packed text ends
 
 
 def supervised_labels(encoding, spans: list[tuple[int, int]]) -> list[int] | None:
@@ -89,6 +90,7 @@ class EncodeCounts:
     retokenized: int = 0
     total_tokens: int = 0
     supervised_tokens: int = 0
+    plain_text: int = 0  # rows read as plain text (text_key), every token trained
     dropped: Counter = field(default_factory=Counter)  # reason -> samples dropped by a policy
     rejected: Counter = field(default_factory=Counter)  # reason kind -> rows rejected as bad input
     ignored_keys: Counter = field(default_factory=Counter)  # "messages[].weight" -> rows that had it
@@ -96,7 +98,7 @@ class EncodeCounts:
 
     def merge(self, other: "EncodeCounts") -> None:
         for name in ("rows_read", "rows_kept", "samples", "split_samples", "truncated", "retokenized",
-                     "total_tokens", "supervised_tokens"):
+                     "total_tokens", "supervised_tokens", "plain_text"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.dropped.update(other.dropped)
         self.rejected.update(other.rejected)
@@ -113,6 +115,7 @@ class EncodeCounts:
             "kept": self.rows_kept,
             "samples": self.samples,
             "split_samples": self.split_samples,
+            "plain_text_rows": self.plain_text,
             "dropped": dict(sorted(self.dropped.items())),
             "rejected": dict(sorted(self.rejected.items())),
             "ignored_keys": dict(sorted(self.ignored_keys.items())),
@@ -157,6 +160,12 @@ def encode_rows(rows: list[SourceRow], template: ChatTemplate, backend, settings
             _reject(row, row.error, settings, counts, rejects)
             continue
         try:
+            text = plain_text(row.value, settings.mapping)
+            if text is not None:  # every token a target, the tokenizer's eos after it
+                full = text + settings.text_end
+                rendered.append((row, row.source, full, [(0, len(full))], False))
+                counts.plain_text += 1
+                continue
             conversation = conversation_from_row(row.value, settings.mapping, settings.loss_on_turns)
             samples = template.render(conversation, settings.train_on_reasoning)
         except (BadSample, TemplateRefused) as error:

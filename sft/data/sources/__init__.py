@@ -5,7 +5,11 @@ Every entry of ``data_args.file_name`` is a *source spec*, opened by ``open_sour
     rows.json / rows.jsonl        our own streamed reader (exact row and line numbers in errors, any row shape)
     rows.parquet                  datasets.load_dataset("parquet", ...), memory-mapped and cached
     folder written by save_to_disk  datasets.load_from_disk (a DatasetDict folder: pick the split with ?split=)
+    a folder of JSON/JSONL files  its split's files (datasets' data-file rules), each read by our JSON reader
     any other folder, or org/name datasets.load_dataset, with ?config=NAME&split=NAME (split default train)
+
+Whatever datasets gives back is checked before it is read: rows are read from its Arrow files only when they
+are the dataset's rows, columns it stores as JSON text (``Json``) are decoded, and media columns are refused.
 
 A ``RowSource`` has a length, reads any range of rows (also inside forked worker processes, which inherit
 it), and has a content fingerprint for the encode cache. Nothing holds a whole input in memory: JSON and
@@ -21,12 +25,13 @@ from typing import Optional
 
 from sft.config.specs import parse_spec
 from sft.data.sources.arrow import MappedArrowFiles, write_raw_rows
-from sft.data.sources.datasets_source import DatasetSource, reset_stop_signals
+from sft.data.sources.datasets_source import DatasetSource, open_folder, reset_stop_signals
 from sft.data.sources.json_files import JsonRowSource, iter_json_array, iter_jsonl
-from sft.data.sources.rows import RawRow, RowSource, SourceRow, check_keys
+from sft.data.sources.rows import ConcatenatedSource, RawRow, RowSource, SourceRow, check_keys
 
-__all__ = ["DatasetSource", "JsonRowSource", "MappedArrowFiles", "RawRow", "RowSource", "SourceRow", "check_keys",
-           "iter_json_array", "iter_jsonl", "open_source", "reset_stop_signals", "source_fingerprint", "write_raw_rows"]
+__all__ = ["ConcatenatedSource", "DatasetSource", "JsonRowSource", "MappedArrowFiles", "RawRow", "RowSource", "SourceRow",
+           "check_keys", "iter_json_array", "iter_jsonl", "open_source", "reset_stop_signals", "source_fingerprint",
+           "write_raw_rows"]
 
 
 def open_source(text: str, work_dir: Optional[str] = None) -> RowSource:
@@ -35,6 +40,8 @@ def open_source(text: str, work_dir: Optional[str] = None) -> RowSource:
     spec = parse_spec(text)
     if spec.kind in ("json", "jsonl"):
         return JsonRowSource(spec.path, work_dir)
+    if spec.kind == "folder":
+        return open_folder(spec, work_dir)
     return DatasetSource(spec)
 
 

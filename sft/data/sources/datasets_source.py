@@ -1,18 +1,25 @@
 """Parquet files, save_to_disk folders, dataset folders and Hub ids, through ``datasets``: loaded (and
-converted, in a child process, on first use), then read from their memory-mapped Arrow files."""
+converted, in a child process, on first use), then read from their memory-mapped Arrow files. A local folder of
+JSON/JSONL files is not handed to datasets' JSON builder (it turns a column whose type varies from row to row into
+JSON strings, and fails on files with different columns): its files, found by datasets' own data-file rules, are
+read one by one with our JSON reader (``open_folder``)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 from sft.config.specs import SourceSpec
 from sft.data.sources.arrow import MappedArrowFiles
-from sft.data.sources.rows import RowSource, SourceRow, file_fingerprint
+from sft.data.sources.json_files import JsonRowSource
+from sft.data.sources.rows import ConcatenatedSource, RowSource, SourceRow, file_fingerprint
 from sft.errors import DataError
 from sft.files import file_digest
+
+JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")  # what datasets' JSON builder reads uncompressed
 
 
 class DatasetSource(RowSource):
@@ -28,6 +35,7 @@ class DatasetSource(RowSource):
         self._spec = spec
         self._rows: Optional[MappedArrowFiles] = None
         self._dataset = None  # kept only when its rows are not plainly its Arrow files (see _loaded)
+        self._decode: Optional[Callable[[dict], dict]] = None  # for columns datasets stores encoded (Json)
         self._cache_files: list[str] = []
         split = spec.split or "train"
         single = spec.kind == "saved" and not os.path.isfile(os.path.join(spec.path, "dataset_dict.json"))
@@ -43,16 +51,18 @@ class DatasetSource(RowSource):
             if self._spec.kind in ("parquet", "folder", "hub"):
                 _prepare_in_child(self._spec)
             dataset = load_dataset_for(self._spec)
+            self._decode = row_decoder(dataset.features, self.name)
             self._cache_files = [entry["filename"] for entry in dataset.cache_files]
             rows = None
             # Read the Arrow files directly when the dataset is exactly their rows, in order (what load_dataset
-            # and load_from_disk give); otherwise (an indices mapping, in-memory data) go through datasets.
-            if self._cache_files and dataset._indices is None:
+            # and load_from_disk give): checked through the public API, by the row count and a few rows read both
+            # ways. Otherwise (a slice, an indices mapping, in-memory data) the rows go through datasets.
+            if self._cache_files:
                 try:
                     rows = MappedArrowFiles(self._cache_files, dataset.column_names)
                 except (KeyError, ValueError, OSError):
                     rows = None
-                if rows is not None and len(rows) != len(dataset):
+                if rows is not None and not _same_rows(rows, dataset):
                     rows.close()
                     rows = None
             if rows is None:
@@ -66,6 +76,8 @@ class DatasetSource(RowSource):
     def read(self, start: int, end: int) -> list[SourceRow]:
         data = self._loaded()
         values = data.to_pylist(start, end) if isinstance(data, MappedArrowFiles) else data[start:end].to_pylist()
+        if self._decode is not None:
+            values = [self._decode(value) for value in values]
         return [SourceRow(f"{self.spec}:{start + offset + 1}", f"{self.name} row {start + offset + 1}", value)
                 for offset, value in enumerate(values)]
 
@@ -92,7 +104,7 @@ def load_dataset_for(spec: SourceSpec):
     import datasets
 
     split = spec.split or "train"
-    try:
+    with _datasets_errors(spec, split):
         if spec.kind == "parquet":
             return datasets.load_dataset("parquet", data_files=spec.path, split="train")
         if spec.kind == "saved":
@@ -108,6 +120,13 @@ def load_dataset_for(spec: SourceSpec):
                 raise DataError(f"{spec.text}: the folder holds one dataset, not splits; drop ?split=")
             return loaded
         return datasets.load_dataset(spec.path, name=spec.config, split=split)
+
+
+@contextlib.contextmanager
+def _datasets_errors(spec: SourceSpec, split: str) -> Iterator[None]:
+    """Turns what datasets raises into one DataError line naming the spec and the reason."""
+    try:
+        yield
     except DataError:
         raise
     except ValueError as error:  # datasets says "Unknown split", "BuilderConfig not found", "Config name is missing"
@@ -116,8 +135,149 @@ def load_dataset_for(spec: SourceSpec):
     except ConnectionError as error:
         raise DataError(f"{spec.text}: cannot reach the Hub for dataset '{spec.path}' ({_first_line(error)}); "
                         "give a local file or folder, or run where the Hub is reachable") from None
-    except Exception as error:  # DatasetNotFoundError, FileNotFoundError, an unreadable Parquet file, ...
-        raise DataError(f"{spec.text}: cannot load dataset '{spec.path}': {type(error).__name__}: {_first_line(error)}") from None
+    except Exception as error:  # DatasetNotFoundError, FileNotFoundError, an unreadable file, DatasetGenerationError
+        raise DataError(f"{spec.text}: cannot load dataset '{spec.path}': {_reason(error)}") from None
+
+
+def _reason(error: BaseException) -> str:
+    """The reason of a datasets error in one line: a generation error's first line says nothing, its cause (or the
+    rest of its message) does."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    if type(error).__name__ == "CastError" and callable(getattr(error, "details", None)):
+        try:  # which columns differ
+            return (f"the data files do not all have the same columns ({error.details()}); give each file as its "
+                    "own file_name entry")
+        except Exception:
+            pass
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if "generating data using" in str(error):  # DatasetGenerationCastError: why, then the file it was reading
+        file = str(error).split("generating data using", 1)[1].strip().splitlines()[0]
+        why = next((line for line in lines if line.startswith("All the data files")), lines[0])
+        return f"{file}: {why}"
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def row_decoder(features, name: str) -> Optional[Callable[[dict], dict]]:
+    """How to turn a row read from datasets' Arrow files into the row itself: None when the stored values are the
+    values; ``features.decode_example`` when a column is a ``Json`` feature (stored as JSON text: what datasets'
+    JSON builder makes of a column whose type varies from row to row). A column of media (Image, Audio, ...) is
+    not a text row: DataError naming it."""
+    import datasets
+
+    plain = (datasets.Value, datasets.ClassLabel, datasets.Array2D, datasets.Array3D, datasets.Array4D, datasets.Array5D)
+    needs_decoding = False
+
+    def walk(feature, column: str) -> None:
+        nonlocal needs_decoding
+        if isinstance(feature, dict):
+            for inner in feature.values():
+                walk(inner, column)
+        elif isinstance(feature, (list, tuple)):
+            for inner in feature:
+                walk(inner, column)
+        elif isinstance(feature, (datasets.List, datasets.LargeList)):
+            walk(feature.feature, column)
+        elif isinstance(feature, datasets.Json):
+            needs_decoding = True
+        elif not isinstance(feature, plain):
+            raise DataError(f"{name}: column '{column}' holds {type(feature).__name__} data, which cannot be read as "
+                            "rows of text; give a dataset of text rows (or map the column out first)")
+
+    for column, feature in features.items():
+        walk(feature, column)
+    return features.decode_example if needs_decoding else None
+
+
+def _same_rows(rows: MappedArrowFiles, dataset) -> bool:
+    """Whether ``rows`` (the dataset's Arrow files, read directly) are the dataset's rows in order: the same count
+    and the same first, middle and last rows as the dataset itself gives."""
+    count = len(dataset)
+    if len(rows) != count:
+        return False
+    arrow = dataset.with_format("arrow")
+    for index in sorted({0, count // 2, count - 1}) if count else ():
+        if rows.to_pylist(index, index + 1) != arrow[index:index + 1].to_pylist():
+            return False
+    return True
+
+
+def open_folder(spec: SourceSpec, work_dir: Optional[str] = None) -> RowSource:
+    """A local dataset folder (not a save_to_disk one): the data files of the split, found by datasets' own rules
+    (``load_dataset_builder``, which reads no data). JSON/JSONL files are read one by one with our JSON reader,
+    every row named by its file and line, whatever its shape; other formats come through ``DatasetSource``
+    (``load_dataset``), Parquet files checked first to have the same columns."""
+    import datasets
+
+    split = spec.split or "train"
+    with _datasets_errors(spec, split):
+        builder = datasets.load_dataset_builder(spec.path, name=spec.config)
+    files = {str(name): list(paths) for name, paths in (builder.config.data_files or {}).items()}
+    if builder.name != "json":
+        if builder.name == "parquet" and split in files:
+            _check_same_columns(spec, files[split])
+        return DatasetSource(spec)
+    if split not in files:
+        explained = f"no split '{split}'; the dataset has splits: {', '.join(files)} (choose one with ?split=NAME)"
+        if "[" in split:
+            explained = "a slice of a split is not read from a folder of JSON files; give the whole split"
+        raise DataError(f"{spec.text}: {explained}")
+    if getattr(builder.config, "field", None) is not None:
+        raise DataError(f"{spec.text}: the folder's config reads the rows from the JSON field "
+                        f"'{builder.config.field}' of each file, which is not supported; give the rows as a JSON array "
+                        "or as JSON Lines")
+    name = f"{spec.path} (split {split})"
+    if spec.config is not None:
+        name = f"{spec.path} (config {spec.config}, split {split})"
+    return ConcatenatedSource(spec.text, name, [_json_file(spec.path, path, work_dir) for path in files[split]])
+
+
+def _json_file(folder: str, path: str, work_dir: Optional[str]) -> JsonRowSource:
+    """One data file of a JSON folder, named from the folder as it was given (``data/chat/part-1.jsonl``)."""
+    root = os.path.abspath(folder)
+    if path.startswith(root + os.sep):
+        path = os.path.join(folder, os.path.relpath(path, root))
+    if not path.lower().endswith(JSON_SUFFIXES):
+        raise DataError(f"{path}: only plain .json and .jsonl files are read from a dataset folder "
+                        "(decompress it, or convert it to JSON Lines)")
+    source = JsonRowSource(path, work_dir)
+    # datasets reads a .json file of one object per line as JSON Lines; so does this reader
+    source.jsonl = not path.lower().endswith(".json") or _starts_with_object(path)
+    return source
+
+
+def _starts_with_object(path: str) -> bool:
+    """Whether the file's first character that is not whitespace (or a byte order mark) is '{'."""
+    try:
+        with open(path, "rb") as handle:
+            while True:
+                block = handle.read(1 << 16)
+                if not block:
+                    return False
+                text = block.lstrip(b" \t\r\n").removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n")
+                if text:
+                    return text.startswith(b"{")
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror})") from None
+
+
+def _check_same_columns(spec: SourceSpec, paths: list[str]) -> None:
+    """datasets reads the Parquet files of a split as one table: files with other columns make it fail without
+    naming the file. Their schemas (footers only) are compared here first, to name it."""
+    import pyarrow.parquet as pq
+
+    first: Optional[tuple[str, list[str]]] = None
+    for path in paths:
+        try:
+            names = pq.read_schema(path).names
+        except Exception:  # unreadable: load_dataset says so
+            return
+        if first is None:
+            first = (path, names)
+        elif set(names) != set(first[1]):
+            raise DataError(f"{spec.text}: {path} has the columns {', '.join(names)} but {first[0]} has "
+                            f"{', '.join(first[1])}; datasets reads the files of a split as one table, so they need the "
+                            "same columns: give the files as separate file_name entries")
 
 
 def _prepare(spec: SourceSpec) -> None:

@@ -1,8 +1,11 @@
 """A row on its way to the encoder (``SourceRow``), a scanned JSON record (``RawRow``), the interface every
-input implements (``RowSource``), and the early check that the rows have the keys the mapping names."""
+input implements (``RowSource``), several sources read as one (``ConcatenatedSource``), and the early check that
+the rows have the keys the mapping names."""
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -74,6 +77,46 @@ class RowSource:
         self.close()
 
 
+class ConcatenatedSource(RowSource):
+    """Several sources read as one, in order: the data files of a dataset folder's split. Every row keeps the id
+    and the place its own source gives it (``folder/b.jsonl:3``, ``folder/b.jsonl line 3``)."""
+
+    def __init__(self, spec: str, name: str, parts: list[RowSource]):
+        self.spec, self.name, self.parts = spec, name, parts
+        self._starts: Optional[list[int]] = None
+
+    def _offsets(self) -> list[int]:
+        if self._starts is None:
+            starts = [0]
+            for part in self.parts:
+                starts.append(starts[-1] + len(part))
+            self._starts = starts
+        return self._starts
+
+    def __len__(self) -> int:
+        return self._offsets()[-1]
+
+    def read(self, start: int, end: int) -> list[SourceRow]:
+        starts, rows = self._offsets(), []
+        index = max(0, bisect.bisect_right(starts, start) - 1)
+        while index < len(self.parts) and starts[index] < end:
+            first, last = max(start, starts[index]), min(end, starts[index + 1])
+            if first < last:
+                rows += self.parts[index].read(first - starts[index], last - starts[index])
+            index += 1
+        return rows
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(self.name.encode())
+        for part in self.parts:
+            digest.update(part.fingerprint().encode())
+        return f"{self.spec}:{digest.hexdigest()}"
+
+    def close(self) -> None:
+        for part in self.parts:
+            part.close()
+
+
 def file_fingerprint(path: str) -> str:
     """sha256 of a file's bytes, with its name (for the encode cache key)."""
     return f"{os.path.basename(path)}:{file_digest(path)}"
@@ -86,11 +129,10 @@ def check_keys(name: str, values: list[dict], mapping: FieldMapping) -> None:
     seen: set[str] = set()
     for value in values:
         seen.update(value.keys())
-    for key, field_name in mapping.required_keys().items():
-        if key not in seen:
-            have = ", ".join(sorted(seen)) or "(none)"
-            hint = " (or null if the data has no such column)" if field_name == "query_key" else ""
-            raise DataError(
-                f"{name}: no row has the key '{key}' named by {field_name}; the rows have keys: {have}. "
-                f"Set {field_name} to one of them{hint}."
-            )
+    for key, field_name in mapping.missing_keys(seen).items():
+        have = ", ".join(sorted(seen)) or "(none)"
+        hint = " (or null if the data has no such column)" if field_name == "query_key" else ""
+        raise DataError(
+            f"{name}: no row has the key '{key}' named by {field_name}; the rows have keys: {have}. "
+            f"Set {field_name} to one of them{hint}."
+        )
