@@ -1,4 +1,4 @@
-"""The GPU suite's driver and report: our trainer (padded, packed with the block mask, packed with varlen, ZeRO-3)
+"""The GPU suite's driver and report: our trainer (padded, packed with varlen, ZeRO-3)
 against TRL's SFTTrainer at its best settings, on Qwen2.5-0.5B and -1.5B shapes, plus the resume check of
 bench/gpu_check.sh, in one run that fits a 10-minute device call. Started by bench/gpu_suite.sh (which installs
 the carried wheels first); every case is a subprocess with a timeout, so one failure does not sink the rest.
@@ -12,7 +12,6 @@ What each case is (same encoded samples, same optimizer steps, bf16 autocast ove
 
 * padded    scripts/train.py, padded batches (as many samples per micro-batch as fit rows x sequence_length if
             all were as long as the longest sample), attn sdpa;
-* block     scripts/train.py, packed rows (our bfd), attn sdpa: transformers' block-diagonal mask over each row;
 * varlen    scripts/train.py, packed rows, attn "varlen" (sft/train/attention.py: torch's varlen_attn on CUDA);
 * zero3     packed rows, strategy deepspeed_train {zero_stage: 3} on the one GPU, attn "auto" (the project's
             default, which picks varlen; the table's attention column says what ran);
@@ -22,8 +21,8 @@ What each case is (same encoded samples, same optimizer steps, bf16 autocast ove
             liger-kernel's layer kernels when liger_kernel imports (use_liger_kernel; falls back without it, and
             says so, if that fails). Attention: sdpa. flash-attn is not in the image and TRL 1.16's other flash-class
             choice, "kernels-community/...", fetches kernels from the Hub (no network there); with sdpa and no
-            attention mask, transformers builds the block-diagonal mask from position_ids (correct, and the same
-            work as our "block" case). --trl_attn flex_attention is the other option without flash-attn (its first
+            attention mask, transformers builds the block-diagonal mask from position_ids (correct; the work a packed
+            run of ours with sdpa did before it ran per sample). --trl_attn flex_attention is the other option without flash-attn (its first
             steps compile);
 * resume    `ONLY=resume bash bench/gpu_check.sh`: a run stopped by SIGTERM after its step-6 checkpoint and
             resumed vs the same run straight through, twice (its own code, called, not copied).
@@ -124,7 +123,7 @@ class Group:
 @dataclass(frozen=True)
 class Case:
     name: str  # group/variant, or "resume"
-    variant: str  # padded, block, varlen, zero3, trl, resume
+    variant: str  # padded, varlen, zero3, trl, resume
     group: Optional[Group]
     min_s: float  # skipped when less than this is left
     cap_s: float  # its timeout, at most
@@ -134,16 +133,15 @@ class Case:
 # variant -> (kind, packing, attention, strategy)
 VARIANTS = {
     "padded": ("ours", False, "sdpa", None),
-    "block": ("ours", True, "sdpa", None),
     "varlen": ("ours", True, "varlen", None),
     "zero3": ("ours", True, "auto", "zero3"),  # auto: the project's default, varlen (the table shows what ran)
     "trl": ("trl", True, None, None),
     "resume": ("resume", None, None, None),
 }
 # (variant, shape) -> (min_s, cap_s) on an H100/H200: start-up, import, model build and the steps.
-ESTIMATES = {("padded", "1.5b"): (50, 150), ("block", "1.5b"): (50, 150), ("varlen", "1.5b"): (50, 150),
+ESTIMATES = {("padded", "1.5b"): (50, 150), ("varlen", "1.5b"): (50, 150),
              ("trl", "1.5b"): (55, 160), ("zero3", "1.5b"): (80, 200),
-             ("padded", "0.5b"): (35, 120), ("block", "0.5b"): (35, 120), ("varlen", "0.5b"): (35, 120),
+             ("padded", "0.5b"): (35, 120), ("varlen", "0.5b"): (35, 120),
              ("trl", "0.5b"): (40, 120), ("resume", None): (100, 240),
              ("varlen", "moe"): (60, 180), ("trl", "moe"): (70, 200)}
 
@@ -153,15 +151,15 @@ def plan(dry_run: bool) -> list[Case]:
     if dry_run:
         big, small = Group("tiny-sharegpt", "tiny", "sharegpt", 1, 1), Group("tiny-alpaca", "tiny", "alpaca", 1, 1)
         moe = Group("tiny-moe-sharegpt", "tiny-moe", "sharegpt", 1, 1)
-        order = [(big, "varlen"), (big, "trl"), (big, "block"), (big, "padded"), (big, "zero3"),
-                 (small, "varlen"), (small, "trl"), (None, "resume"), (small, "block"), (small, "padded"),
+        order = [(big, "varlen"), (big, "trl"), (big, "padded"), (big, "zero3"),
+                 (small, "varlen"), (small, "trl"), (None, "resume"), (small, "padded"),
                  (moe, "varlen")]
         return [Case(_case_name(g, v), v, g, 3, 180, gpu_only=v in ("zero3", "resume")) for g, v in order]
     # 1.5B: one row of 4096 per micro-batch (two rows and AdamW state would not fit 80 GB without recomputation).
     big, small = Group("1.5b-sharegpt", "1.5b", "sharegpt", 1, 2), Group("0.5b-alpaca", "0.5b", "alpaca", 2, 2)
     moe = Group("moe-sharegpt", "moe", "sharegpt", 1, 2)  # Qwen3-MoE shape, 4096-token packed rows, router loss on
-    order = [(big, "varlen"), (big, "trl"), (moe, "varlen"), (moe, "trl"), (big, "block"), (big, "padded"), (big, "zero3"),
-             (small, "varlen"), (small, "trl"), (None, "resume"), (small, "block"), (small, "padded")]
+    order = [(big, "varlen"), (big, "trl"), (moe, "varlen"), (moe, "trl"), (big, "padded"), (big, "zero3"),
+             (small, "varlen"), (small, "trl"), (None, "resume"), (small, "padded")]
     cases = []
     for g, v in order:
         low, cap = ESTIMATES[(v, g.shape if g else None)]
@@ -409,7 +407,7 @@ def fill_measurements(result: Result, records: list[StepRecord], flops_per_token
 
 
 def _ours_best(results: list[Result], group: str) -> Optional[Result]:
-    ours = [r for r in results if r.case.startswith(group + "/") and r.variant in ("padded", "block", "varlen")
+    ours = [r for r in results if r.case.startswith(group + "/") and r.variant in ("padded", "varlen")
             and r.tokens_per_second and r.status == "ok"]
     return max(ours, key=lambda r: r.tokens_per_second) if ours else None
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU suite in one device call (10 minutes): ours padded / packed with the block mask / packed with varlen /
+# The GPU suite in one device call (10 minutes): ours padded / packed with varlen /
 # ZeRO-3 vs TRL's SFTTrainer at its best settings, on Qwen2.5-1.5B- and 0.5B-shaped models (random init, bf16,
 # 4096-token rows) over ShareGPT and Alpaca data with the Qwen2.5 tokenizer, ours vs TRL on a Qwen3-MoE-shaped
 # model (router loss on), plus gpu_check.sh's resume check; first, bench/gpu_families.py's bf16 packed-vs-alone

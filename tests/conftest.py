@@ -46,3 +46,29 @@ def real_tokenizer(name: str):
     if name not in _TOKENIZERS:
         _TOKENIZERS[name] = AutoTokenizer.from_pretrained(shared_path("tokenizers", name))
     return _TOKENIZERS[name]
+
+
+def rejected_rows(result) -> list[dict]:
+    """The rejected rows of an encoded split (sft.data.pipeline.SplitResult), read back from its rejects file."""
+    import json
+
+    if result.rejects_path is None:
+        return []
+    with open(result.rejects_path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def full_logits_loss_sum(model, batch):
+    """The reference for sft.train.modeling.loss_sum: the summed cross-entropy from full logits, the textbook way
+    (half-precision logits upcast to float32, as the library does), and the number of target tokens."""
+    import torch.nn.functional as F
+
+    from sft.train.loss import upcast
+    from sft.train.modeling import NOT_MODEL_INPUTS
+
+    inputs = {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
+    logits = model(**inputs, use_cache=False).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(upcast(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+    return loss, int((targets != -100).sum())

@@ -9,7 +9,7 @@ from sft.data.conversation import FieldMapping
 from sft.data.encoding import EncodeError, EncodeSettings
 from sft.data.pipeline import encode_split
 from sft.data.templates import TemplateError, get_template
-from tests.conftest import shared_path
+from tests.conftest import rejected_rows, shared_path
 
 MULTI = FieldMapping(messages_key="messages")
 
@@ -50,8 +50,8 @@ def test_skip_counts_and_keeps_every_rejected_row(tmp_path, byte_tokenizer):
     assert report["rejected"] == {"empty response": 1, "field 'input' (query_key) is null": 1}
     assert report["dropped"] == {"no supervised token left after truncation": 1}
     assert report["kept"] == 2 and report["truncated"] == 1
-    assert sorted(r["source"].rsplit(":", 1)[1] for r in result.rejected_rows()) == ["2", "3"]
-    assert json.loads(result.rejected_rows()[0]["row"]) == ROWS[1]
+    assert sorted(r["source"].rsplit(":", 1)[1] for r in rejected_rows(result)) == ["2", "3"]
+    assert json.loads(rejected_rows(result)[0]["row"]) == ROWS[1]
     assert all(length <= 256 for length in result.dataset["length"])
 
 
@@ -80,7 +80,7 @@ def test_openai_toy_file_flaws_are_reported(tmp_path, byte_tokenizer):
     result = encode([path], byte_tokenizer, mapping=MULTI, sequence_length=2048, on_bad_sample="skip")
     assert result.report["rows_read"] == 5 and result.report["kept"] == 4
     assert result.report["truncated"] == 1  # the 26,000-character reply
-    assert [r["source"].rsplit(":", 1)[1] for r in result.rejected_rows()] == ["4"]
+    assert [r["source"].rsplit(":", 1)[1] for r in rejected_rows(result)] == ["4"]
 
 
 def test_a_template_that_breaks_the_prefix_rule_is_an_error(tmp_path, byte_tokenizer):
@@ -112,7 +112,7 @@ def test_a_template_that_refuses_a_conversation_is_a_bad_sample(tmp_path, byte_t
     path = write(tmp_path, "rows.jsonl", "\n".join(json.dumps(r) for r in rows))
     result = encode([path], tokenizer, template="native", mapping=MULTI, on_bad_sample="skip")
     assert result.report["kept"] == 1
-    assert "System role not supported" in result.rejected_rows()[0]["reason"]
+    assert "System role not supported" in rejected_rows(result)[0]["reason"]
 
 
 def test_a_response_merged_across_the_prompt_edge_is_retokenized_exactly(tmp_path):

@@ -170,7 +170,7 @@ def _result(case, status="ok", tokens=None, mfu=None, **extra):
 def test_goals_pass_and_fail_with_their_numbers():
     results = [_result("1.5b-sharegpt/varlen", tokens=52000.0, mfu=0.43, mfu_measured_peak=0.54),
                _result("1.5b-sharegpt/trl", tokens=30000.0, mfu=0.25),
-               _result("1.5b-sharegpt/block", tokens=45000.0),
+               _result("1.5b-sharegpt/padded", tokens=45000.0),
                _result("1.5b-sharegpt/zero3", tokens=90000.0),  # ZeRO-3 is not "ours" for the TRL comparison
                _result("0.5b-alpaca/varlen", tokens=100000.0, mfu=0.30),
                _result("0.5b-alpaca/trl", tokens=90000.0)]

@@ -16,7 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sft.data.collate import pad_collate
 from sft.errors import UserError
 from sft.train.loss import linear_cross_entropy, returned_loss
-from sft.train.modeling import full_logits_loss_sum, loss_sum
+from sft.train.modeling import loss_sum
+from tests.conftest import full_logits_loss_sum
 from sft.data.packing import packed_collate, packed_row
 
 VOCAB, HIDDEN = 300, 32

@@ -14,6 +14,7 @@ from sft.config.specs import parse_spec
 from sft.data.sources import (MappedArrowFiles, SourceRow, check_keys, iter_json_array, iter_jsonl, open_source,
                               write_raw_rows)
 from sft.data.templates import get_template
+from tests.conftest import rejected_rows
 
 MULTI = FieldMapping(messages_key="messages")
 
@@ -129,7 +130,7 @@ def test_jsonl_errors_name_the_line_or_are_written_to_the_rejects_file(tmp_path,
         encode([path], byte_tokenizer)
     result = encode([path], byte_tokenizer, on_bad_sample="skip")
     assert result.report["kept"] == 3 and result.rejected == 1
-    (reject,) = result.rejected_rows()
+    (reject,) = rejected_rows(result)
     assert reject["source"].endswith("rows.jsonl:3") and reject["row"] == "not json"
 
 
@@ -202,7 +203,7 @@ def test_errors_from_parquet_rows_name_the_file_and_row(tmp_path, byte_tokenizer
     with pytest.raises(EncodeError, match=r"bad\.parquet row 3: .*no assistant turn"):
         encode([parquet], byte_tokenizer)
     result = encode([parquet], byte_tokenizer, on_bad_sample="skip")
-    assert result.report["kept"] == 2 and [r["source"] for r in result.rejected_rows()] == [f"{parquet}:3"]
+    assert result.report["kept"] == 2 and [r["source"] for r in rejected_rows(result)] == [f"{parquet}:3"]
     with pytest.raises(DataError, match=r"bad\.parquet: no row has the key 'conversations' named by messages_key; "
                                         r"the rows have keys: messages"):
         encode([parquet], byte_tokenizer, mapping=FieldMapping(messages_key="conversations"))
@@ -425,7 +426,7 @@ def test_workers_read_their_own_chunks_and_keep_the_order(tmp_path, byte_tokeniz
     two = encode([parquet, jsonl], byte_tokenizer, on_bad_sample="skip", workers=2)
     assert one.dataset["source"] == two.dataset["source"] and one.dataset["input_ids"] == two.dataset["input_ids"]
     assert len(two.dataset) == 19 and two.dataset["source"][9].endswith("b.jsonl:1")
-    assert [r["source"] for r in two.rejected_rows()] == [f"{parquet}:8"]
+    assert [r["source"] for r in rejected_rows(two)] == [f"{parquet}:8"]
     assert one.report == two.report
     with pytest.raises(EncodeError, match=r"a\.parquet row 8: "):  # raised in a worker, named in the main process
         encode([parquet, jsonl], byte_tokenizer, workers=2)

@@ -192,22 +192,9 @@ def tiny_model(vocab=64):
     return Qwen2ForCausalLM(config).double()
 
 
-def full_logits_loss_sum(model, batch):
-    """The reference: the summed cross-entropy from full logits, the textbook way."""
-    import torch.nn.functional as F
-
-    from sft.train.modeling import NOT_MODEL_INPUTS
-
-    inputs = {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
-    logits = model(**inputs, use_cache=False).logits[:, :-1]
-    targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits.double().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                           reduction="sum")
-    return loss, int((targets != -100).sum())
-
-
 def test_loss_at_supervised_positions_equals_the_full_logits_loss():
     from sft.train.modeling import loss_sum
+    from tests.conftest import full_logits_loss_sum
 
     model = tiny_model()
     rng = np.random.default_rng(0)

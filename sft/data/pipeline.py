@@ -56,13 +56,6 @@ class SplitResult:
     rejects_path: Optional[str]  # JSONL of {"source", "reason", "row"}; None when no row was rejected
     rejected: int
 
-    def rejected_rows(self) -> list[dict]:
-        """The rejected rows, read back from the rejects file (for tests and small data)."""
-        if self.rejects_path is None:
-            return []
-        with open(self.rejects_path, encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle]
-
 
 @dataclass(frozen=True)
 class Chunk:
