@@ -378,10 +378,14 @@ def build_accelerator(config: SFTConfig, strategy: Strategy):
 def finish(accelerator) -> None:
     """End the run's trackers and meet the other processes. With several processes the process group stays up and
     the script ends with ``leave_after_finish``; a lone process takes its group (if any) down, so that a caller
-    running training in its own process can start another run."""
+    running training in its own process can start another run. Not Accelerate's end_training: it destroys the
+    group, after which leave_after_finish saw none and let the interpreter shut down with gloo's threads alive
+    (a run loop freeing a tensor then takes the GIL during finalization and aborts: caught with a terminate hook,
+    4 of 30 two-node Slurm runs)."""
     import torch.distributed as dist
 
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # end_training's first half: its second takes the process group down
+        tracker.finish()
     if dist.is_available() and dist.is_initialized():
         accelerator.wait_for_everyone()
         if accelerator.num_processes == 1:
