@@ -42,6 +42,7 @@ from sft.train.schedule import Schedule
 from sft.train.strategies import build_accelerator, finish, leave_after_finish, make_strategy
 from sft.data.pipeline import load_encoded
 from sft.data.templates import get_template
+from sft.generation import stop_rule
 from sft.train.worker import SFTWorker
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # finish the step, save, exit 0
@@ -176,6 +177,8 @@ def fine_tune(config: SFTConfig, strategy, accelerator, notes: list[str]) -> dic
     prompts = config.validation.sample_prompts
     can_generate = bool(prompts) and not strategy.params_sharded and accelerator.is_main_process
     before = worker.answer(prompts, template, config.validation.max_new_tokens) if can_generate else []
+    scored = min(config.validation.generate_samples, len(validation)) if validation is not None else 0
+    stops = stop_rule(tokenizer, template)
 
     # ----- preemption: finish the step, save, exit 0 -------------------------------------------------
     stop: dict = {}
@@ -224,9 +227,13 @@ def fine_tune(config: SFTConfig, strategy, accelerator, notes: list[str]) -> dic
             totals.validated(val)
             new_best = run.validated(val.loss)  # the same on every process: val.loss is summed over all
             stop_early = 0 < patience <= run.evaluations_since_best
-            log.scalars(step, {"val/loss": val.loss, "time/eval": val.seconds})
+            log.scalars(step, val.scalars())
             log.line(f"step {step:05d} | val loss {val.loss:.4f} over {val.tokens:,} tokens"
                      + (" | best so far" if new_best else f" | best {run.best_val_loss:.4f} at step {run.best_step}"))
+            if scored:
+                answers = worker.answer_samples(eval_shard(scored, rank, layout.processes, config.sft_train.infer_batch_size),
+                                                stops, config.validation.max_new_tokens)
+                log.answers(step, answers)
 
         stopping = worker.any_process("signal" in stop)
         if (step % config.save_steps == 0 or step == total_steps or stopping or stop_early

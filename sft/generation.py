@@ -1,6 +1,6 @@
 """Answers from a model with a chat template: the stop rule, the messages of a turn, one generated answer.
 
-Shared by training's before/after answers (``SFTWorker.answer``) and ``scripts/chat.py``: answers stop at eos
+Shared by training's answers (``SFTWorker.answer``, ``SFTWorker.answer_samples``) and ``scripts/chat.py``: answers stop at eos
 and at the template's end-of-turn marker, which ends generation when it is one token and is cut from the text
 when it is several (see ``StopRule``). torch is imported only when an answer is generated.
 """
@@ -51,10 +51,15 @@ def generate_answer(model, tokenizer, template, messages: list[dict], max_new_to
     stops = stops or stop_rule(tokenizer, template)
     text = template.generation_prompt(messages)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             **generate_options(tokenizer, stops, temperature))
+    return stops.answer_text(tokenizer, out[0, ids.shape[1]:].tolist())
+
+
+def generate_options(tokenizer, stops: StopRule, temperature: float = 0.0) -> dict:
+    """model.generate's options besides the inputs: greedy (temperature 0) or sampled, stopping at ``stops``."""
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else \
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}  # no sampling defaults to warn about
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             pad_token_id=pad_id, eos_token_id=list(stops.ids), use_cache=True, **sampling)
-    return stops.answer_text(tokenizer, out[0, ids.shape[1]:].tolist())
+    return {"pad_token_id": pad_id, "eos_token_id": list(stops.ids), "use_cache": True, **sampling}

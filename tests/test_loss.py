@@ -110,18 +110,20 @@ def test_linear_cross_entropy_with_bias_frozen_weight_and_half_precision():
 
     reference = F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum")
     reference_grads = torch.autograd.grad(3.0 * reference, parameters)
-    ours = linear_cross_entropy(hidden, weight, bias, targets, chunk_size=5)
+    fused = linear_cross_entropy(hidden, weight, bias, targets, chunk_size=5)
+    ours = fused.loss
     assert abs(float(ours) - float(reference)) <= 1e-12 * float(reference)
+    assert int(fused.correct) == int((F.linear(hidden, weight, bias).argmax(-1) == targets).sum())
     for grad, reference_grad in zip(torch.autograd.grad(3.0 * ours, parameters), reference_grads):
         assert (grad - reference_grad).abs().max() <= 1e-12 * reference_grad.abs().max()
 
     frozen = weight.detach()  # a LoRA base: no gradient is computed or kept for the weight
-    (grad_hidden,) = torch.autograd.grad(linear_cross_entropy(hidden, frozen, None, targets, 5), (hidden,))
+    (grad_hidden,) = torch.autograd.grad(linear_cross_entropy(hidden, frozen, None, targets, 5).loss, (hidden,))
     (reference_hidden,) = torch.autograd.grad(F.cross_entropy(hidden @ frozen.T, targets, reduction="sum"), (hidden,))
     assert (grad_hidden - reference_hidden).abs().max() <= 1e-12 * reference_hidden.abs().max()
 
     half = [t.detach().bfloat16().requires_grad_() for t in (hidden, weight)]
-    loss = linear_cross_entropy(*half[:1], half[1], None, targets, chunk_size=5)
+    loss = linear_cross_entropy(*half[:1], half[1], None, targets, chunk_size=5).loss
     assert loss.dtype == torch.float32  # half-precision logits are upcast, as in the unchunked loss
     grads = torch.autograd.grad(loss, half)
     assert [g.dtype for g in grads] == [torch.bfloat16, torch.bfloat16]
@@ -225,3 +227,43 @@ def test_a_model_that_changes_the_heads_output_is_refused():
         returned_loss(30.0 * torch.tanh(loss / 30.0), [loss])
     with pytest.raises(UserError, match="2 times"):
         returned_loss(loss, [loss, loss])
+
+
+def full_logits_correct_count(model, batch) -> int:
+    """The reference for token accuracy: targets that are the argmax of the full logits before them."""
+    from sft.train.modeling import NOT_MODEL_INPUTS
+
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}, use_cache=False).logits
+    targets = batch["labels"][:, 1:]
+    return int(((logits[:, :-1].argmax(-1) == targets) & (targets != -100)).sum())
+
+
+def half_right(model, inputs):
+    """``inputs`` with every other target set to the model's own argmax, so that about half are counted correct."""
+    from sft.train.modeling import NOT_MODEL_INPUTS
+
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}, use_cache=False).logits
+    labels = inputs["labels"].clone()
+    rows, columns = torch.nonzero(labels[:, 1:] != -100, as_tuple=True)
+    for row, column in list(zip(rows.tolist(), columns.tolist()))[::2]:
+        labels[row, column + 1] = logits[row, column].argmax()
+    return {**inputs, "labels": labels}
+
+
+@pytest.mark.parametrize("wrapped_head", [False, True], ids=["linear_head", "peft_saved_head"])
+def test_token_accuracy_counts_what_full_logits_count_in_every_path(wrapped_head):
+    from sft.train.modeling import forward_loss
+
+    model = peft_model("all-linear", ["lm_head"]) if wrapped_head else tiny_model(tied=True)
+    inputs = half_right(model, batch(packed=False))
+    expected = full_logits_correct_count(model, inputs)
+    targets = int((inputs["labels"][:, 1:] != -100).sum())
+    assert targets // 2 <= expected < targets  # the check is not of an all-right or all-wrong count
+    for chunk_size in (0, 1, 7, targets - 1, 10 * targets):
+        trained = forward_loss(model, inputs, chunk_size)  # with gradients: the fused or checkpointed path
+        trained.loss_sum.backward()
+        assert trained.correct == expected, chunk_size
+        with torch.no_grad():  # validation's path
+            assert forward_loss(model, inputs, chunk_size).correct == expected, chunk_size

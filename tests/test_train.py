@@ -290,11 +290,33 @@ STRATEGIES = {
 }
 
 
+ANSWERED = 7  # validation samples answered at the step-4 evaluation: 2 ranks x batches of 3 take 2 and 1 calls
+
+
 def train_with(setup, out, strategy, processes=2):
     # 1 process x batch 8 or 2 x 4: the same global batch, so the same samples and losses at each step.
     train(setup, out, *STRATEGIES[strategy], "--sft_train.training_args.max_steps", "4", "--save_steps", "2",
-          "--sft_train.training_args.per_device_train_batch_size", str(8 // processes), processes=processes)
+          "--sft_train.training_args.per_device_train_batch_size", str(8 // processes),
+          "--validation.generate_samples", str(ANSWERED), "--validation.max_new_tokens", "12", processes=processes)
     return losses(out)
+
+
+def greedy_answers(out, step, prompts, max_new_tokens=12):
+    """Checkpoint ``step``'s model answering each prompt alone (no padding, no batch), greedily, up to <|im_end|>."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = os.path.join(str(out), "sft_train", f"checkpoint-{step}", "sft_train")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    answers = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)[0, ids.shape[1]:].tolist()
+        answers.append(tokenizer.decode(new[:next((i for i, t in enumerate(new) if t in stops), len(new))]))
+    return answers
 
 
 @pytest.fixture(scope="module")
@@ -319,6 +341,15 @@ def test_strategies_give_the_same_losses_and_loadable_checkpoints(setup, tmp_pat
     assert ("pytorch_model" in state) == strategy.startswith("zero"), state
     for step, loss in got.items():
         assert loss == pytest.approx(reference[step], rel=1e-5), (case, step)
+    # Validation answers under every strategy: the first ANSWERED samples, in order, the same greedy answers; under
+    # ZeRO-3 (sharded parameters, every rank in every forward) those of the saved model answering one by one.
+    ((step, answers),) = logged(out, "val/answers")
+    assert step == 4 and [answer["index"] for answer in answers] == list(range(ANSWERED))
+    assert answers == logged(reference_out, "val/answers")[0][1], case
+    assert dict(logged(out, "val/exact_match"))[4] == sum(answer["match"] for answer in answers) / ANSWERED
+    assert all(answer["prompt"].endswith("<|im_start|>assistant\n") and " plus " in answer["reference"] for answer in answers)
+    if case == "zero3":
+        assert [a["answer"] for a in answers] == greedy_answers(out, 4, [a["prompt"] for a in answers])
     if case != "zero2-1-process":
         # The saved HF model, loaded in a fresh process, gives the live model's validation loss.
         fresh, live = fresh_process_val_loss(out, 4)

@@ -92,10 +92,18 @@ class ValidationConfig:
     sample_prompts: Names = field(default_factory=list)
     """Prompts answered greedily before and after training, printed at the end of the run."""
     max_new_tokens: int = 48
-    """Tokens generated per sample prompt."""
+    """Tokens generated per sample prompt and per generate_samples answer."""
+    generate_samples: int = 0
+    """At each evaluation, answer the first this many validation samples greedily (their prompt: the sample up to
+    its last supervised turn) and log val/exact_match against that turn, with the answers (0: off)."""
 
     def check(self) -> None:
         check_at_least_one("validation.max_new_tokens", self.max_new_tokens)
+        if self.generate_samples < 0:
+            raise ConfigError(f"validation.generate_samples: must not be negative (0: off), got {self.generate_samples}")
+        if self.generate_samples and not self.data_args.file_name:
+            raise ConfigError("validation.generate_samples: answers validation samples, but there is no validation "
+                              "data; set validation.data_args.file_name")
 
 
 @with_config(SECTION)

@@ -16,13 +16,16 @@ Inside, chunk_size target rows at a time:
     any other head (PEFT wrapper, LoRA layer)   torch.utils.checkpoint per chunk around the head's own forward
 
 so at most chunk_size x vocabulary logits exist at a time, in forward and in backward. Half-precision
-logits are upcast to float32 for the loss, as in the unchunked path; float64 stays float64.
+logits are upcast to float32 for the loss, as in the unchunked path; float64 stays float64. Each chunk also
+counts its targets whose logit is the row's largest (token accuracy), from the logits it has anyway; Liger's
+kernel returns no such count here, so under it the count is None.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -35,6 +38,20 @@ from sft.errors import UserError
 def upcast(logits: torch.Tensor) -> torch.Tensor:
     """Half-precision logits are upcast to float32 for the loss; float64 stays float64."""
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+@dataclass
+class HeadLoss:
+    """What the output layer computed for one forward: the summed cross-entropy of its targets, and how many
+    targets have their logit as the row's largest (None where not counted: Liger's kernel)."""
+
+    loss: torch.Tensor
+    correct: Optional[torch.Tensor]
+
+
+def correct_count(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Rows whose largest logit is at the target (a tie counts the first index, as argmax does)."""
+    return (logits.argmax(dim=-1) == targets).sum()
 
 
 def output_layer(model: torch.nn.Module) -> torch.nn.Module:
@@ -74,12 +91,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=accumulate) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=accumulate) if need_bias else None
-        total = None
+        total = correct = None
         for start, end in _chunks(targets.numel(), chunk_size):
             rows, chunk_targets = hidden[start:end], targets[start:end]
             logits = F.linear(rows, weight, bias)  # F.linear, so autocast applies as in the unchunked path
             compute_dtype = logits.dtype
             logits = upcast(logits)
+            chunk_correct = correct_count(logits, chunk_targets)  # before the logits are overwritten below
+            correct = chunk_correct if correct is None else correct + chunk_correct
             # logsumexp and softmax in the logits' own storage: one chunk x vocabulary tensor alive at a time.
             target_logits = logits.gather(1, chunk_targets[:, None]).squeeze(1)
             row_max = logits.amax(dim=-1, keepdim=True)
@@ -100,26 +119,27 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad_bias.add_(grad_logits.sum(0))
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        return total
+        ctx.mark_non_differentiable(correct)
+        return total, correct
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_total):
+    def backward(ctx, grad_total, _grad_correct):
         grads = [None if grad is None else (grad * grad_total).to(dtype)
                  for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
         return grads[0], grads[1], grads[2], None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Summed cross-entropy of the rows of ``hidden`` through a linear layer, chunk_size rows at a time."""
+                         targets: torch.Tensor, chunk_size: int) -> HeadLoss:
+    """Summed cross-entropy of the rows of ``hidden`` through a linear layer, chunk_size rows at a time, and the
+    count of rows whose largest logit is the target."""
     fused = _liger_loss(hidden, weight, bias, targets)
     if fused is not None:
-        return fused
+        return HeadLoss(fused, None)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
-        return LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size)
-    return sum(F.cross_entropy(upcast(F.linear(hidden[start:end], weight, bias)), targets[start:end], reduction="sum")
-               for start, end in _chunks(targets.numel(), chunk_size))
+        return HeadLoss(*LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size))
+    return _summed_chunks(lambda rows: F.linear(rows, weight, bias), hidden, targets, chunk_size, recompute=False)
 
 
 def _liger_loss(hidden, weight, bias, targets) -> Optional[torch.Tensor]:
@@ -137,22 +157,30 @@ def _liger_loss(hidden, weight, bias, targets) -> Optional[torch.Tensor]:
     return upcast(liger_fused_linear_cross_entropy(hidden, weight, targets, bias=bias, reduction="sum", **options))
 
 
-def _head_chunk_loss(head_forward: Callable, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(upcast(head_forward(rows)), targets, reduction="sum")
+def _head_chunk_loss(head_forward: Callable, rows: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = upcast(head_forward(rows))
+    return F.cross_entropy(logits, targets, reduction="sum"), correct_count(logits.detach(), targets)
 
 
 def checkpointed_cross_entropy(head_forward: Callable, hidden: torch.Tensor, targets: torch.Tensor,
-                               chunk_size: int) -> torch.Tensor:
+                               chunk_size: int) -> HeadLoss:
     """Summed cross-entropy through any head, chunk by chunk, each chunk's logits recomputed in backward."""
-    total = None
+    return _summed_chunks(head_forward, hidden, targets, chunk_size, recompute=torch.is_grad_enabled())
+
+
+def _summed_chunks(head_forward: Callable, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                   recompute: bool) -> HeadLoss:
+    """The loss and correct count summed over chunks; ``recompute``: checkpoint each chunk for backward."""
+    total = correct = None
     for start, end in _chunks(targets.numel(), chunk_size):
         arguments = (head_forward, hidden[start:end], targets[start:end])
-        if torch.is_grad_enabled():
-            chunk_loss = checkpoint(_head_chunk_loss, *arguments, use_reentrant=False)
+        if recompute:
+            chunk_loss, chunk_correct = checkpoint(_head_chunk_loss, *arguments, use_reentrant=False)
         else:
-            chunk_loss = _head_chunk_loss(*arguments)
+            chunk_loss, chunk_correct = _head_chunk_loss(*arguments)
         total = chunk_loss if total is None else total + chunk_loss
-    return total
+        correct = chunk_correct if correct is None else correct + chunk_correct
+    return HeadLoss(total, correct)
 
 
 def _is_plain_linear(head: torch.nn.Module) -> bool:
@@ -162,7 +190,7 @@ def _is_plain_linear(head: torch.nn.Module) -> bool:
 
 
 def chunked_head_loss(head: torch.nn.Module, head_forward: Callable, hidden: torch.Tensor, targets: torch.Tensor,
-                      chunk_size: int, plain: bool) -> torch.Tensor:
+                      chunk_size: int, plain: bool) -> HeadLoss:
     """Summed cross-entropy of the head's logits for targets-only hidden states (rows in target order); ``plain``:
     the head is a bare linear layer (see _is_plain_linear), whose weight can be used directly."""
     if hidden.dim() != 2 or hidden.shape[0] != targets.numel():
@@ -178,19 +206,19 @@ def chunked_head_loss(head: torch.nn.Module, head_forward: Callable, hidden: tor
 def head_returns_loss(head: torch.nn.Module, targets: torch.Tensor, chunk_size: int) -> Iterator[list]:
     """Within the block, calling ``head`` returns the summed loss of ``targets`` (chunked) instead of logits.
 
-    Yields a list that receives the loss of each call (one per model forward); the original forward is back
+    Yields a list that receives the HeadLoss of each call (one per model forward); the original forward is back
     afterwards, whatever happens."""
     own_forward = vars(head).get("forward")  # a forward set on the instance by a hook library, kept as is
     original = head.forward
     plain = _is_plain_linear(head)  # decided before this block replaces the instance's forward
-    losses: list[torch.Tensor] = []
+    losses: list[HeadLoss] = []
 
     def forward(hidden_states, *args, **kwargs):
         if args or kwargs:
             raise UserError(f"the output layer {type(head).__name__} was called with extra arguments; set "
                             "sft_train.model_args.loss_chunk_size: 0")
         losses.append(chunked_head_loss(head, original, hidden_states, targets, chunk_size, plain))
-        return losses[-1]
+        return losses[-1].loss
 
     head.forward = forward
     try:

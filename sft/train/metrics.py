@@ -50,6 +50,9 @@ class StepResult:
     router_tokens: int = 0
     expert_counts: Optional[object] = None
     """MoE: (layers, experts) tensor of top-k choices over the step's tokens; None without a router."""
+    correct_tokens: Optional[int] = None
+    """Target tokens that are the argmax of their logits (train/token_accuracy); None when a forward did not count
+    them (Liger's fused loss)."""
 
     @property
     def loss(self) -> float:
@@ -60,7 +63,22 @@ class StepResult:
 class ValResult:
     loss: float
     tokens: int
+    """Target tokens."""
     seconds: float
+    correct_tokens: Optional[int] = None
+    """Target tokens that are the argmax of their logits; None when not counted (Liger)."""
+
+    def scalars(self) -> dict[str, float]:
+        """The logged scalars of this evaluation."""
+        values = {"val/loss": self.loss, "time/eval": self.seconds}
+        if self.correct_tokens is not None:
+            values["val/token_accuracy"] = self.correct_tokens / max(self.tokens, 1)
+        return values
+
+
+def add_counts(first: Optional[int], second: Optional[int]) -> Optional[int]:
+    """A sum of two counts either of which may be unknown (None): unknown when one is."""
+    return None if first is None or second is None else first + second
 
 
 @dataclass
@@ -96,12 +114,14 @@ class MetricsWindow:
     aux_sum: float = 0.0
     router_tokens: int = 0
     expert_counts: Optional[object] = None
+    correct_tokens: Optional[int] = 0
 
     def add(self, result: StepResult, seconds: float, wait_seconds: float) -> None:
         """Add a step that took ``seconds`` of wall time, ``wait_seconds`` of it waiting for its batches."""
         for name in ("loss_sum", "target_tokens", "tokens", "padded_tokens", "samples", "forward_backward_seconds",
                      "optimizer_seconds", "aux_sum", "router_tokens"):
             setattr(self, name, getattr(self, name) + getattr(result, name))
+        self.correct_tokens = add_counts(self.correct_tokens, result.correct_tokens)
         if result.expert_counts is not None and result.expert_counts.numel():
             self.expert_counts = (result.expert_counts if self.expert_counts is None
                                   else self.expert_counts + result.expert_counts)
@@ -124,6 +144,8 @@ class MetricsWindow:
             "time/optimizer": self.optimizer_seconds, "time/step": self.seconds / self.steps,
             "memory/peak_gib": peak_memory_bytes() / 2**30,
         }
+        if self.correct_tokens is not None:
+            values["train/token_accuracy"] = self.correct_tokens / max(self.target_tokens, 1)
         if self.router_tokens:
             values["train/aux_loss"] = self.aux_sum / self.router_tokens
         if self.expert_counts is not None:
@@ -169,7 +191,8 @@ class RunTotals:
 def step_line(step: int, total_steps: int, values: dict[str, float], skipped: bool) -> str:
     """The one console line of a logged step."""
     mfu = f" | mfu {values['perf/mfu']:.1%}" if "perf/mfu" in values else ""
-    aux = f" | aux {values['train/aux_loss']:.4f}" if "train/aux_loss" in values else ""
+    aux = f" | acc {values['train/token_accuracy']:.1%}" if "train/token_accuracy" in values else ""
+    aux += f" | aux {values['train/aux_loss']:.4f}" if "train/aux_loss" in values else ""
     if "moe/expert_load_max" in values:
         aux += f" | load max {values['moe/expert_load_max']:.2f}"
     return (f"step {step:05d} ({step / total_steps:.1%}) | loss {values['train/loss']:.4f}{aux} | "
@@ -217,6 +240,54 @@ class RunLog:
         if self.main:
             self.metrics.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
             self.metrics.flush()
+
+    def answers(self, step: int, answers: list) -> None:
+        """Scored validation answers (sft.train.answers.ScoredAnswer, on the main process): val/exact_match as a
+        scalar, the answers as a record in metrics.jsonl and as a table in each tracker that has one."""
+        if not self.main or not answers:
+            return
+        from sft.train.answers import ANSWER_COLUMNS, exact_match_rate
+
+        rate = exact_match_rate(answers)
+        self.scalars(step, {"val/exact_match": rate})
+        self.metrics.write(json.dumps({"step": step, "time": time.time(),
+                                       "val/answers": [answer.record() for answer in answers]}) + "\n")
+        self.metrics.flush()
+        missed = [f"{a.answer!r} for {a.reference!r}" for a in answers if not a.match]
+        self.line(f"step {step:05d} | exact match {len(answers) - len(missed)}/{len(answers)} ({rate:.1%})"
+                  + (f" | missed: {', '.join(missed[:3])}" + (", ..." if len(missed) > 3 else "") if missed else ""))
+        rows = [[step, a.prompt, a.reference, a.answer, a.match] for a in answers]
+        for tracker in self.accelerator.trackers:
+            TABLE_WRITERS[tracker.name](tracker, "val/answers", list(ANSWER_COLUMNS), rows, step)
+
+
+def _wandb_table(tracker, name: str, columns: list[str], rows: list[list], step: int) -> None:
+    tracker.log_table(name, columns=columns, data=rows, step=step)
+
+
+def _trackio_table(tracker, name: str, columns: list[str], rows: list[list], step: int) -> None:
+    import trackio
+
+    tracker.log({name: trackio.Table(columns=columns, data=rows)}, step=step)
+
+
+def _mlflow_table(tracker, name: str, columns: list[str], rows: list[list], step: int) -> None:
+    import mlflow  # Accelerate's MLflow tracker keeps its run active: the table goes to it, as a JSON artifact
+
+    mlflow.log_table({column: [row[i] for row in rows] for i, column in enumerate(columns)},
+                     artifact_file=f"{name}/step_{step:06d}.json")
+
+
+def _tensorboard_text(tracker, name: str, columns: list[str], rows: list[list], step: int) -> None:
+    """TensorBoard has no tables: a Markdown table in its Text tab."""
+    cells = [[str(cell).replace("|", "\\|").replace("\n", "\\n") for cell in row] for row in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + ["| " + " | ".join(row) + " |" for row in cells]
+    tracker.writer.add_text(name, "\n".join(lines), global_step=step)
+
+
+# How each tracker (Accelerate's tracker name) takes a table of rows.
+TABLE_WRITERS = {"wandb": _wandb_table, "trackio": _trackio_table, "mlflow": _mlflow_table,
+                 "tensorboard": _tensorboard_text}
 
 
 def tensorboard_dir(config) -> str:

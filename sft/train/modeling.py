@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from sft.errors import IGNORE_INDEX
-from sft.train.loss import head_returns_loss, output_layer, returned_loss, upcast
+from sft.train.loss import correct_count, head_returns_loss, output_layer, returned_loss, upcast
 from sft.train.moe import Router, RouterTerms, router_terms, sample_spans
 
 # Batch keys that are not the model's inputs: the targets, and the real tokens of each packed row.
@@ -82,11 +82,13 @@ def target_mask(labels: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ForwardLoss:
-    """One forward's summed cross-entropy over its target tokens, their count, and the router loss terms of an
-    MoE model (sft/train/moe.py; None without a router)."""
+    """One forward's summed cross-entropy over its target tokens, their count, how many of them are the argmax of
+    their logits (token accuracy; None under Liger's fused loss, which does not count them), and the router loss
+    terms of an MoE model (sft/train/moe.py; None without a router)."""
 
     loss_sum: torch.Tensor
     targets: int
+    correct: Optional[int] = None
     router: Optional[RouterTerms] = None
 
 
@@ -106,14 +108,16 @@ def forward_loss(model, batch: dict[str, torch.Tensor], chunk_size: int = 0, rou
         outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
         logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
         summed = F.cross_entropy(upcast(logits), targets, reduction="sum")
+        correct = correct_count(logits.detach(), targets)
     else:
-        with head_returns_loss(output_layer(model), targets, chunk_size) as losses:
+        with head_returns_loss(output_layer(model), targets, chunk_size) as calls:
             outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
-        summed = returned_loss(outputs.logits, losses)
+        summed = returned_loss(outputs.logits, [call.loss for call in calls])
+        correct = calls[0].correct
     terms = None
     if router is not None:
         terms = router_terms(router, outputs.router_logits, sample_spans(batch), labels.numel())
-    return ForwardLoss(summed, targets.numel(), terms)
+    return ForwardLoss(summed, targets.numel(), None if correct is None else int(correct), terms)
 
 
 def loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> tuple[torch.Tensor, int]:

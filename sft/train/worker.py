@@ -12,6 +12,7 @@ by accumulation steps (Accelerate, DeepSpeed) so the gradient is exactly d(sum o
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import shutil
@@ -19,19 +20,21 @@ import time
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import gather_object
 
 from sft.train import checkpoint as ckpt
 from sft.config import SFTConfig
 from sft.config.sections import is_jinja_file
 from sft.errors import IGNORE_INDEX, UserError
-from sft.generation import conversation, generate_answer, stop_rule
+from sft.generation import StopRule, conversation, generate_answer, generate_options, stop_rule
+from sft.train.answers import ScoredAnswer, answer_case, left_padded
 from sft.train.loader import StepBatch, collate_rows
 from sft.train.architectures import Architecture
 from sft.train.attention import watch_packed_rows
 from sft.train.hybrid import separate_samples
 from sft.train.lora import adapted_modules, apply_lora, check_quantization, check_saved, lora_enabled, quantization_config
-from sft.train.metrics import StepResult, ValResult
-from sft.train.modeling import attention_implementation, forward_loss, load_model, load_model_config, loss_sum
+from sft.train.metrics import StepResult, ValResult, add_counts
+from sft.train.modeling import attention_implementation, forward_loss, load_model, load_model_config
 from sft.train.moe import Router, active_parameters
 from sft.train.runstate import RunState
 from sft.train.strategies import Strategy, finish
@@ -145,7 +148,7 @@ class SFTWorker:
         scale = accelerator.num_processes * len(micro_batches) / max(targets, 1)
         router_scale = accelerator.num_processes * len(micro_batches) / max(tokens, 1)  # sft/train/moe.py
         model.train()
-        local_loss, skipped, router = 0.0, False, RouterWindow()
+        local_loss, local_correct, skipped, router = 0.0, 0, False, RouterWindow()
         start = time.perf_counter()
         for micro in micro_batches:
             with accelerator.accumulate(model):
@@ -160,13 +163,15 @@ class SFTWorker:
                     continue
                 self.strategy.backward(objective)
                 local_loss += float(forward.loss_sum.detach())
+                local_correct = add_counts(local_correct, forward.correct)
                 router.add(forward.router)
         forward_backward_seconds = time.perf_counter() - start
         start = time.perf_counter()
         if skipped:
             self.strategy.discard_step()
         grad_norm = float("nan") if skipped else self.strategy.step()
-        return StepResult(loss_sum=self.all_sum([local_loss])[0], target_tokens=targets, tokens=tokens,
+        loss_total, correct = self.all_sum([local_loss, _unknown_as_nan(local_correct)])
+        return StepResult(loss_sum=loss_total, target_tokens=targets, tokens=tokens, correct_tokens=_count(correct),
                           **self._router_totals(router),
                           padded_tokens=padded, samples=samples, grad_norm=grad_norm, lr=lr, skipped=skipped,
                           data_seconds=data_seconds, forward_backward_seconds=forward_backward_seconds,
@@ -189,10 +194,11 @@ class SFTWorker:
     # ----- val_step --------------------------------------------------------------------------------
     @torch.no_grad()
     def val_step(self, batches: list[list[int]]) -> ValResult:
-        """Forward over this rank's validation batches; token-weighted loss over all ranks, nothing dropped."""
+        """Forward over this rank's validation batches; token-weighted loss and token accuracy over all ranks,
+        nothing dropped."""
         start = time.perf_counter()
         self.model.eval()
-        total, count = 0.0, 0
+        total, count, correct = 0.0, 0, 0
         # Ranks may hold different numbers of batches; with sharded parameters every rank must take part in
         # every forward, so all ranks run the longest count, the extra ones on the first sample masked out.
         steps = self._longest(len(batches))
@@ -201,12 +207,14 @@ class SFTWorker:
             batch = collate_rows(self.val_data[batches[index] if index < len(batches) else [0]], self.pad_id, multiple)
             if index >= len(batches):
                 batch["labels"].fill_(IGNORE_INDEX)
-            summed, targets = loss_sum(self.model, {key: value.to(self.accelerator.device) for key, value in batch.items()},
-                                       self.config.sft_train.model_args.loss_chunk_size)
-            total += float(summed)
-            count += targets
-        total, count = self.all_sum([total, float(count)])
-        return ValResult(loss=total / max(count, 1.0), tokens=int(count), seconds=time.perf_counter() - start)
+            forward = forward_loss(self.model, {key: value.to(self.accelerator.device) for key, value in batch.items()},
+                                   self.config.sft_train.model_args.loss_chunk_size)
+            total += float(forward.loss_sum)
+            count += forward.targets
+            correct = add_counts(correct, forward.correct)
+        total, count, correct = self.all_sum([total, float(count), _unknown_as_nan(correct)])
+        return ValResult(loss=total / max(count, 1.0), tokens=int(count), seconds=time.perf_counter() - start,
+                         correct_tokens=_count(correct))
 
     def _longest(self, value: int) -> int:
         tensor = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
@@ -259,8 +267,6 @@ class SFTWorker:
     def _stop_if_save_failed(self, error, staging: str, last_good) -> None:
         """A barrier of the save: when any process failed to write, the unfinished save is removed and every
         process stops (the main one with the first cause, the others quietly)."""
-        from accelerate.utils import gather_object
-
         causes = [cause for cause in gather_object([None if error is None else str(error)]) if cause]
         if not causes:
             return
@@ -286,6 +292,45 @@ class SFTWorker:
         stops = stop_rule(self.tokenizer, template)
         return [generate_answer(model, self.tokenizer, template, conversation(prompt), max_new_tokens, stops=stops)
                 for prompt in prompts]
+
+    @torch.no_grad()
+    def answer_samples(self, batches: list[list[int]], stops: StopRule, max_new_tokens: int) -> list[ScoredAnswer]:
+        """Greedy answers to validation samples: this rank's ``batches`` of sample indices (sampler.eval_shard),
+        each sample's prompt and reference taken from its encoded ids (sft/train/answers.py). All answers, in
+        sample order, on the main process; [] on the others.
+
+        Every rank runs the same number of generate calls (a rank with fewer batches repeats one and drops its
+        answers), and with several processes generate keeps every rank stepping until all are done
+        (synced_gpus): with ZeRO-3 or FSDP2 each forward gathers parameters from every rank."""
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        options = generate_options(self.tokenizer, stops)
+        mine: list[ScoredAnswer] = []
+        for number in range(self._longest(len(batches))):
+            real = number < len(batches)
+            indices = batches[number] if real else (batches[0] if batches else [0])
+            cases = [answer_case(index, self.val_data[index]["input_ids"], self.val_data[index]["labels"],
+                                 self.tokenizer, stops) for index in indices]
+            inputs = left_padded([case.prompt_ids for case in cases], self.pad_id)
+            out = model.generate(**{key: value.to(self.accelerator.device) for key, value in inputs.items()},
+                                 max_new_tokens=max_new_tokens, synced_gpus=self.accelerator.num_processes > 1,
+                                 **options)
+            if real:
+                new_ids = out[:, inputs["input_ids"].shape[1]:].tolist()
+                mine += [ScoredAnswer(case.index, self.tokenizer.decode(case.prompt_ids, skip_special_tokens=False),
+                                      case.reference, stops.answer_text(self.tokenizer, ids))
+                         for case, ids in zip(cases, new_ids)]
+        gathered = gather_object(mine) if self.accelerator.num_processes > 1 else mine
+        return sorted(gathered, key=lambda answer: answer.index) if self.accelerator.is_main_process else []
+
+
+def _unknown_as_nan(count: int | None) -> float:
+    """A count as summed across processes: NaN for an unknown one, so that the sum is unknown too."""
+    return float("nan") if count is None else float(count)
+
+
+def _count(total: float) -> int | None:
+    return None if math.isnan(total) else int(total)
 
 
 class RouterWindow:
