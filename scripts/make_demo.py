@@ -20,6 +20,7 @@ ONES = "zero one two three four five six seven eight nine ten eleven twelve thir
 TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 PROMPTS = ["Write {n} in words.", "Spell out the number {n}.", "How do you say {n} in words?"]
 HELD_OUT = [47, 118, 360, 509, 712, 981]
+SHORT_REPEATS = 3
 
 
 def words(number: int) -> str:
@@ -37,8 +38,11 @@ def main() -> None:
     numbers = [n for n in range(1000) if n not in HELD_OUT]
     rng.shuffle(numbers)
     validation, train = numbers[:60], numbers[60:]
-    # Every training number in each phrasing (shuffled), so no phrasing is tied to particular numbers.
-    train_rows = [(prompt, number) for number in train for prompt in PROMPTS]
+    # Every training number in each phrasing (shuffled), so no phrasing is tied to particular numbers. Numbers
+    # below 100 are one in ten of 0-999: seen that rarely, a two-digit prompt got a hundreds word ('four hundred
+    # seventy-seven' for 47, in every measured run), so each of them comes SHORT_REPEATS times.
+    train_rows = [(prompt, number) for number in train for prompt in PROMPTS
+                  for _ in range(SHORT_REPEATS if number < 100 else 1)]
     rng.shuffle(train_rows)
     validation_rows = [(rng.choice(PROMPTS), number) for number in validation]
     os.makedirs(DEMO, exist_ok=True)
@@ -63,7 +67,8 @@ def main() -> None:
         sliding_window=4, max_position_embeddings=512, tie_word_embeddings=True, use_cache=False,
         eos_token_id=loaded.eos_token_id, pad_token_id=loaded.pad_token_id, bos_token_id=None,
     ).save_pretrained(model)
-    print(f"wrote {DEMO}: {len(train_rows)} train rows ({len(train)} numbers x {len(PROMPTS)} phrasings), "
+    print(f"wrote {DEMO}: {len(train_rows)} train rows ({len(train)} numbers x {len(PROMPTS)} phrasings, those below "
+          f"100 x {SHORT_REPEATS}), "
           f"{len(validation_rows)} validation rows, held out {HELD_OUT}")
 
 if __name__ == "__main__":
